@@ -1,0 +1,447 @@
+"""MEMIT (Meng et al., 2023) producing CollabEdit payloads: per layer Delta, K K^T and R K^T.
+
+For requests j = 1..M and edited layers l_1 < ... < l_L:
+
+1. **Targets.** One additive vector ``delta_j`` at the fact token of the last edited layer's
+   output is optimised, *for all requests as one batch*, to maximise ``log p(target_new)`` over
+   the request prompt and its context prefixes, plus ``kl_factor`` x KL on ``"{subject} is a"``
+   and a weight decay, with ``||delta_j||`` clamped to ``clamp_norm_factor * ||h_j||`` and an
+   early stop once every request's NLL is below ``loss_stop``. ``z_j = h_j + delta_j``.
+2. **Keys** ``K_l`` (d_in x M): the edited projection's input at the fact token, averaged over
+   the context prefixes.
+3. **Residuals** ``R_l`` (d_out x M): ``(z - h_L(current model)) / (L - i)`` (``"remaining"``, the
+   reference) or ``/ L`` (``"even"``).
+4. **Solve** ``Delta_l = R_l K_l^T (lam C_l + K_l K_l^T)^-1`` in float64 by Cholesky.
+
+Modes: ``"sequential"`` is stock MEMIT (each layer's update is written before the next layer's
+keys and residual are computed); ``"decoupled"`` takes every layer's keys and residual from the
+unedited model, as the CollabEdit authors' code does, which makes the CollabEdit merge of
+client payloads equal Global-Edit of all their requests exactly.
+
+The model is left exactly as it was: callers apply the returned payload's deltas themselves
+(:func:`fedke.editing.weights.apply_update`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedke.data.records import EditRequest, RecordError
+from fedke.editing.presets import LayerPreset, get_module, preset_for
+from fedke.editing.weights import apply_update, layer_shape, revert_update
+from fedke.payload import EditPayload, LayerPayload
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["decoupled", "sequential"]
+FactToken = Literal["last", "subject_last"]
+
+
+@dataclass(frozen=True)
+class MemitConfig:
+    """MEMIT hyper-parameters (names follow the reference's hparams where they exist).
+
+    Parameters
+    ----------
+    layers: edited layer indices; ``None`` takes the preset's.
+    mode: ``"decoupled"`` (keys and residuals from the unedited model) or ``"sequential"``.
+    fact_token: ``"last"`` (the prompt's last token) or ``"subject_last"`` (the subject's last token).
+    lam: ``mom2_update_weight``, the weight of C in ``lam C + K K^T``.
+    v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor: target optimisation.
+    loss_stop: stop optimising once every request's mean target NLL is below this.
+    residual_split: ``"remaining"`` (reference: divide by the layers left) or ``"even"`` (by L).
+    kl_prompt: the essence prompt of the KL term.
+    context_templates: prefixes, each holding ``{}`` for the prompt; ``None`` samples
+        ``n_context`` prefixes of ``context_length`` tokens from the model (seeded).
+    """
+
+    layers: tuple[int, ...] | None = None
+    mode: Mode = "decoupled"
+    fact_token: FactToken = "last"
+    lam: float = 300.0
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    loss_stop: float = 5e-2
+    residual_split: Literal["remaining", "even"] = "remaining"
+    kl_prompt: str = "{} is a"
+    context_templates: tuple[str, ...] | None = None
+    n_context: int = 5
+    context_length: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("decoupled", "sequential"):
+            raise ValueError(f"mode must be 'decoupled' or 'sequential', got {self.mode!r}")
+        if self.fact_token not in ("last", "subject_last"):
+            raise ValueError(f"fact_token must be 'last' or 'subject_last', got {self.fact_token!r}")
+        if self.residual_split not in ("remaining", "even"):
+            raise ValueError(f"residual_split must be 'remaining' or 'even', got {self.residual_split!r}")
+        if self.lam < 0:
+            raise ValueError("lam must be non-negative")
+        if self.context_templates is not None and not all("{}" in t for t in self.context_templates):
+            raise ValueError("every context template must hold '{}' for the prompt")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Encoded:
+    """Token ids of a batch of prompts and where to read / write at each."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lookup: torch.Tensor
+    owner: torch.Tensor  # request index of each row
+    target_positions: list[list[int]] = field(default_factory=list)
+    target_ids: list[list[int]] = field(default_factory=list)
+
+
+class MemitEditor:
+    """MEMIT over any HF causal LM, through a :class:`LayerPreset`.
+
+    ``covariances`` maps each edited layer's module name to C = E[k k^T] (see
+    :func:`fedke.stats.layer_covariances`). The editor holds no global state: several editors
+    over several models can live in one process.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, covariances: Mapping[str, np.ndarray],
+                 config: MemitConfig | None = None, preset: LayerPreset | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or MemitConfig()
+        self.preset = preset.with_layers(self.config.layers) if preset is not None and self.config.layers else (
+            preset or preset_for(model, self.config.layers))
+        self.layer_names = [self.preset.mlp_out_name(layer) for layer in self.preset.layers]
+        missing = [name for name in self.layer_names if name not in covariances]
+        if missing:
+            raise ValueError(f"no covariance statistics for layer(s) {missing}")
+        self.covariances = {name: np.asarray(covariances[name], dtype=np.float64) for name in self.layer_names}
+        for name in self.layer_names:
+            d_in = layer_shape(model, name)[1]
+            if self.covariances[name].shape != (d_in, d_in):
+                raise ValueError(f"covariance for layer {name!r} has shape {self.covariances[name].shape}, "
+                                 f"the layer's input has d_in={d_in}")
+        self._context_templates: tuple[str, ...] | None = self.config.context_templates
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def regularisers(self) -> dict[str, np.ndarray]:
+        """``A0_l = lam * C_l``: what a CollabEdit server needs to merge this editor's payloads."""
+        return {name: self.config.lam * cov for name, cov in self.covariances.items()}
+
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: layer_shape(self.model, name) for name in self.layer_names}
+
+    def context_templates(self) -> tuple[str, ...]:
+        if self._context_templates is None:
+            self._context_templates = sample_context_templates(
+                self.model, self.tokenizer, self.config.n_context, self.config.context_length, self.config.seed)
+        return self._context_templates
+
+    def edit(self, requests: Sequence[EditRequest], *, regularisers: Mapping[str, np.ndarray] | None = None,
+             progress: bool = False) -> EditPayload:
+        """Edit ``requests`` and return the payload; the model is left unchanged.
+
+        ``regularisers`` overrides ``lam * C`` per layer (e.g. the dynamic covariance
+        ``beta0 lam C0 + beta1 sum K K^T`` of multi-round CollabEdit).
+        """
+        requests = list(requests)
+        if not requests:
+            raise ValueError("no edit requests")
+        self._check_requests(requests)
+        regs = dict(self.regularisers())
+        if regularisers is not None:
+            regs.update({name: np.asarray(a, dtype=np.float64) for name, a in regularisers.items()})
+        was_training = self.model.training
+        self.model.eval()
+        applied = []
+        try:
+            targets, h_init = self._compute_targets(requests, progress=progress)
+            residual_norms = (targets - h_init).norm(dim=1).cpu().numpy().astype(np.float64)
+            layers: dict[str, LayerPayload] = {}
+            keys_all = current_all = None
+            for i, name in enumerate(self.layer_names):
+                if self.config.mode == "sequential" or keys_all is None:
+                    keys_all, current_all = self._keys_and_outputs(requests)
+                keys = keys_all[name]  # (d_in, M) float64
+                remaining = len(self.layer_names) - i if self.config.residual_split == "remaining" else len(self.layer_names)
+                residuals = ((targets - current_all).T.to(torch.float64)) / remaining  # (d_out, M)
+                payload = _solve_layer(residuals, keys, torch.as_tensor(regs[name], device=keys.device))
+                layers[name] = payload
+                if self.config.mode == "sequential":
+                    applied.append(apply_update(self.model, {name: payload.delta}))
+            return EditPayload(layers=layers, n_edits=len(requests), residual_norms=residual_norms)
+        finally:
+            for record in reversed(applied):
+                revert_update(self.model, record)
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ checks
+    def _check_requests(self, requests: Sequence[EditRequest]) -> None:
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        for request in requests:
+            where = f"edit request {request.case_id!r}"
+            if not request.target_new.strip():
+                raise RecordError(f"{where}: empty target_new")
+            ids = self._target_ids(request.target_new)
+            if not ids:
+                raise RecordError(f"{where}: target_new {request.target_new!r} tokenises to nothing")
+            if unk is not None and unk in ids:
+                raise RecordError(f"{where}: target_new {request.target_new!r} is unknown to the tokenizer")
+
+    def _target_ids(self, target: str) -> list[int]:
+        return self.tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ tokenisation
+    def _lookup_index(self, template: str, subject: str, prompt_len: int) -> int:
+        """Fact-token position in ``template.format(subject)`` (which has ``prompt_len`` tokens)."""
+        if self.config.fact_token == "last":
+            return prompt_len - 1
+        prefix = template[: template.index("{}")]
+        n_through_subject = len(self.tokenizer((prefix + subject).rstrip())["input_ids"])
+        return n_through_subject - 1
+
+    def _encode(self, templates: list[str], subjects: list[str], owners: list[int],
+                targets: list[list[int]] | None = None) -> _Encoded:
+        """Encode ``template.format(subject)`` (+ all but the last target token when ``targets``)."""
+        rows, lookups, positions, target_ids = [], [], [], []
+        for k, (template, subject) in enumerate(zip(templates, subjects)):
+            prompt_ids = self.tokenizer(template.format(subject))["input_ids"]
+            lookups.append(self._lookup_index(template, subject, len(prompt_ids)))
+            if targets is not None:
+                target = targets[k]
+                positions.append([len(prompt_ids) - 1 + t for t in range(len(target))])
+                target_ids.append(target)
+                prompt_ids = prompt_ids + target[:-1]
+            rows.append(prompt_ids)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, ids in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            attention[r, : len(ids)] = 1
+        device = self.device
+        return _Encoded(input_ids.to(device), attention.to(device), torch.tensor(lookups, device=device),
+                        torch.tensor(owners, device=device), positions, target_ids)
+
+    def _prompts_with_context(self, requests: Sequence[EditRequest]) -> tuple[list[str], list[str], list[int]]:
+        templates, subjects, owners = [], [], []
+        for j, request in enumerate(requests):
+            for context in self.context_templates():
+                templates.append(context.format(request.prompt) if context != "{}" else request.prompt)
+                subjects.append(request.subject)
+                owners.append(j)
+        return templates, subjects, owners
+
+    # ------------------------------------------------------------------ step 1: targets
+    def _compute_targets(self, requests: Sequence[EditRequest], progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optimise z_j for all requests at once; returns (z, h_init), both (M, d_model)."""
+        cfg = self.config
+        last_block = get_module(self.model, self.preset.block_name(self.preset.layers[-1]))
+        templates, subjects, owners = self._prompts_with_context(requests)
+        targets = [self._target_ids(requests[j].target_new) for j in owners]
+        rewrite = self._encode(templates, subjects, owners, targets)
+        kl_templates = [cfg.kl_prompt] * len(requests)
+        kl = self._encode(kl_templates, [r.subject for r in requests], list(range(len(requests))))
+        n_rewrite = rewrite.input_ids.shape[0]
+        input_ids, attention = _concat_padded(rewrite, kl, self.tokenizer)
+        lookups = torch.cat([rewrite.lookup, kl.lookup])
+        owner_all = torch.cat([rewrite.owner, kl.owner])
+        rows = torch.arange(input_ids.shape[0], device=self.device)
+
+        # target-token gather indices for the rewrite rows
+        flat_rows, flat_pos, flat_tok, flat_owner_row = [], [], [], []
+        for r in range(n_rewrite):
+            for pos, tok in zip(rewrite.target_positions[r], rewrite.target_ids[r]):
+                flat_rows.append(r)
+                flat_pos.append(pos)
+                flat_tok.append(tok)
+                flat_owner_row.append(r)
+        flat_rows_t = torch.tensor(flat_rows, device=self.device)
+        flat_pos_t = torch.tensor(flat_pos, device=self.device)
+        flat_tok_t = torch.tensor(flat_tok, device=self.device)
+        tokens_per_row = torch.bincount(flat_rows_t, minlength=n_rewrite).to(torch.float64)
+        prompts_per_request = torch.bincount(rewrite.owner, minlength=len(requests)).to(torch.float64)
+
+        d_model = _block_output_dim(self.model)
+        delta = torch.zeros(len(requests), d_model, device=self.device, requires_grad=True)
+        state: dict[str, torch.Tensor] = {}
+
+        def add_delta(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if "h_init" not in state:
+                state["h_init"] = hidden[rows[:n_rewrite], lookups[:n_rewrite]].detach().clone()
+            hidden = hidden.clone()
+            hidden[rows, lookups] = hidden[rows, lookups] + delta[owner_all].to(hidden.dtype)
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = last_block.register_forward_hook(add_delta)
+        optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        kl_init = None
+        try:
+            for step in range(cfg.v_num_grad_steps):
+                optimizer.zero_grad()
+                logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+                log_probs = torch.log_softmax(logits.float(), dim=-1)
+                token_lp = log_probs[flat_rows_t, flat_pos_t, flat_tok_t].to(torch.float64)
+                row_nll = -torch.zeros(n_rewrite, dtype=torch.float64, device=self.device).index_add(
+                    0, flat_rows_t, token_lp) / tokens_per_row
+                request_nll = torch.zeros(len(requests), dtype=torch.float64, device=self.device).index_add(
+                    0, rewrite.owner, row_nll) / prompts_per_request
+                kl_lp = log_probs[rows[n_rewrite:], lookups[n_rewrite:]]
+                if kl_init is None:
+                    kl_init = kl_lp.detach().clone()
+                kl_loss = torch.nn.functional.kl_div(kl_lp, kl_init, log_target=True, reduction="batchmean")
+                h_norm = state["h_init"][_first_rows(rewrite.owner, len(requests))].norm(dim=1)
+                weight_decay = cfg.v_weight_decay * (delta.norm(dim=1) / h_norm ** 2)
+                loss = request_nll.mean() + cfg.kl_factor * kl_loss + weight_decay.mean()
+                if request_nll.detach().max().item() < cfg.loss_stop:
+                    break
+                if step == cfg.v_num_grad_steps - 1:
+                    break
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():  # clamp ||delta_j|| <= clamp_norm_factor * ||h_j||
+                    max_norm = cfg.clamp_norm_factor * h_norm
+                    norms = delta.norm(dim=1)
+                    scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+                    delta.mul_(scale.unsqueeze(1).to(delta.dtype))
+                if progress:
+                    log.info("target step %d: nll %.3f (max %.3f) kl %.4f", step, float(request_nll.mean()),
+                             float(request_nll.max()), float(kl_loss))
+        finally:
+            handle.remove()
+        h_init = state["h_init"][_first_rows(rewrite.owner, len(requests))].to(torch.float64)
+        return (h_init + delta.detach().to(torch.float64)), h_init
+
+    # ------------------------------------------------------------------ steps 2-3: keys, current outputs
+    @torch.no_grad()
+    def _keys_and_outputs(self, requests: Sequence[EditRequest]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Keys (d_in x M, averaged over contexts) of every edited layer, and the last edited
+        block's output (M x d_model) at the fact token of the plain request prompt."""
+        templates, subjects, owners = self._prompts_with_context(requests)
+        ctx = self._encode(templates, subjects, owners)
+        captured: dict[str, torch.Tensor] = {}
+        rows = torch.arange(ctx.input_ids.shape[0], device=self.device)
+
+        def capture(name: str):
+            def hook(_module, inputs):
+                captured[name] = inputs[0][rows, ctx.lookup].to(torch.float64)
+            return hook
+
+        handles = [get_module(self.model, name).register_forward_pre_hook(capture(name)) for name in self.layer_names]
+        try:
+            self.model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        counts = torch.bincount(ctx.owner, minlength=len(requests)).to(torch.float64).unsqueeze(1)
+        keys = {}
+        for name in self.layer_names:
+            summed = torch.zeros(len(requests), captured[name].shape[1], dtype=torch.float64, device=self.device)
+            keys[name] = (summed.index_add(0, ctx.owner, captured[name]) / counts).T.contiguous()
+        plain = self._encode([r.prompt for r in requests], [r.subject for r in requests], list(range(len(requests))))
+        block = get_module(self.model, self.preset.block_name(self.preset.layers[-1]))
+        out: dict[str, torch.Tensor] = {}
+
+        def grab(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            out["h"] = hidden[torch.arange(len(requests), device=self.device), plain.lookup].to(torch.float64)
+
+        handle = block.register_forward_hook(grab)
+        try:
+            self.model(input_ids=plain.input_ids, attention_mask=plain.attention_mask)
+        finally:
+            handle.remove()
+        return keys, out["h"]
+
+
+# ---------------------------------------------------------------------- helpers
+def _solve_layer(residuals: torch.Tensor, keys: torch.Tensor, regulariser: torch.Tensor) -> LayerPayload:
+    """Delta = R K^T (A0 + K K^T)^-1 by Cholesky, float64; returns the layer's payload."""
+    kkt = keys @ keys.T
+    rkt = residuals @ keys.T
+    gram = regulariser.to(torch.float64) + kkt
+    gram = 0.5 * (gram + gram.T)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        delta = torch.cholesky_solve(rkt.T, factor).T  # gram symmetric: X gram = rkt  <=>  gram X^T = rkt^T
+    else:
+        delta = torch.linalg.solve(gram, rkt.T).T
+    return LayerPayload(delta=delta.cpu().numpy(), kkt=kkt.cpu().numpy(), rkt=rkt.cpu().numpy())
+
+
+def _first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Index of the first row of each request (its context "{}", the plain prompt)."""
+    first = torch.full((n,), -1, dtype=torch.long, device=owner.device)
+    for row in range(len(owner) - 1, -1, -1):
+        first[owner[row]] = row
+    return first
+
+
+def _concat_padded(a: _Encoded, b: _Encoded, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return (torch.cat([widen(a.input_ids, pad), widen(b.input_ids, pad)]),
+            torch.cat([widen(a.attention_mask, 0), widen(b.attention_mask, 0)]))
+
+
+def _block_output_dim(model: torch.nn.Module) -> int:
+    config = model.config
+    for attr in ("n_embd", "hidden_size", "d_model"):
+        if hasattr(config, attr):
+            return int(getattr(config, attr))
+    raise ValueError("cannot tell the hidden size of this model")
+
+
+@torch.no_grad()
+def sample_context_templates(model: torch.nn.Module, tokenizer, n: int, length: int, seed: int) -> tuple[str, ...]:
+    """MEMIT's context prefixes: ``"{}"`` plus ``n`` short texts sampled from the model itself
+    (top-5 sampling with a seeded generator, so the same seed gives the same prefixes)."""
+    templates = ["{}"]
+    if n <= 0:
+        return tuple(templates)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    device = next(model.parameters()).device
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer("The")["input_ids"][0]
+    ids = torch.full((n, 1), start, dtype=torch.long, device=device)
+    for _ in range(length):
+        logits = model(input_ids=ids).logits[:, -1].float().cpu()
+        top = logits.topk(5, dim=-1)
+        choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
+        ids = torch.cat([ids, top.indices.gather(1, choice).to(device)], dim=1)
+    for row in ids[:, 1:] if tokenizer.bos_token_id is not None else ids:
+        text = tokenizer.decode(row.tolist(), skip_special_tokens=True).replace("{", " ").replace("}", " ").strip()
+        templates.append(f"{text} . {{}}" if text else "{}")
+    return tuple(templates)
+
+
+def world_context_templates(filler: Sequence[str], n: int = 5, seed: int = 0) -> tuple[str, ...]:
+    """Context prefixes drawn from a world's filler sentences: ``"{}"`` plus ``n`` of them."""
+    rng = random.Random(seed)
+    sentences = rng.sample(list(filler), min(n, len(filler)))
+    return ("{}",) + tuple(s.replace("{", " ").replace("}", " ") + " {}" for s in sentences)
+
+
+def with_context(config: MemitConfig, templates: Sequence[str]) -> MemitConfig:
+    return replace(config, context_templates=tuple(templates))
