@@ -105,8 +105,8 @@ def case_from_counterfact(record: Mapping[str, Any], index: int | None = None) -
         subject = rewrite["subject"]
         target_new = rewrite["target_new"]["str"]
         target_true = rewrite.get("target_true", {}).get("str")
-    except (KeyError, TypeError) as err:
-        raise RecordError(f"{where}: missing field {err}") from None
+    except (KeyError, TypeError, AttributeError) as err:
+        raise RecordError(f"{where}: missing or malformed field {err}") from None
     for name in ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts"):
         value = record.get(name, [])
         if not isinstance(value, list) or not all(isinstance(p, str) for p in value):

@@ -95,6 +95,15 @@ class MemitConfig:
 
 
 @dataclass
+class EditInternals:
+    """What an edit computed on the way: keys (d_in x M), residuals (d_out x M), targets (M x d)."""
+
+    keys: dict[str, np.ndarray] = field(default_factory=dict)
+    residuals: dict[str, np.ndarray] = field(default_factory=dict)
+    targets: np.ndarray | None = None
+
+
+@dataclass
 class _Encoded:
     """Token ids of a batch of prompts and where to read / write at each."""
 
@@ -158,6 +167,15 @@ class MemitEditor:
         ``regularisers`` overrides ``lam * C`` per layer (e.g. the dynamic covariance
         ``beta0 lam C0 + beta1 sum K K^T`` of multi-round CollabEdit).
         """
+        return self.edit_with_internals(requests, regularisers=regularisers, progress=progress)[0]
+
+    def edit_with_internals(self, requests: Sequence[EditRequest], *,
+                            regularisers: Mapping[str, np.ndarray] | None = None,
+                            progress: bool = False) -> tuple[EditPayload, EditInternals]:
+        """:meth:`edit`, also returning the keys ``K_l``, residuals ``R_l`` and targets ``z``.
+
+        These never leave the client in a federation; they are for tests and privacy studies.
+        """
         requests = list(requests)
         if not requests:
             raise ValueError("no edit requests")
@@ -168,22 +186,27 @@ class MemitEditor:
         was_training = self.model.training
         self.model.eval()
         applied = []
+        internals = EditInternals()
         try:
             targets, h_init = self._compute_targets(requests, progress=progress)
+            internals.targets = targets.cpu().numpy()
             residual_norms = (targets - h_init).norm(dim=1).cpu().numpy().astype(np.float64)
             layers: dict[str, LayerPayload] = {}
             keys_all = current_all = None
+            n_layers = len(self.layer_names)
             for i, name in enumerate(self.layer_names):
                 if self.config.mode == "sequential" or keys_all is None:
                     keys_all, current_all = self._keys_and_outputs(requests)
                 keys = keys_all[name]  # (d_in, M) float64
-                remaining = len(self.layer_names) - i if self.config.residual_split == "remaining" else len(self.layer_names)
-                residuals = ((targets - current_all).T.to(torch.float64)) / remaining  # (d_out, M)
-                payload = _solve_layer(residuals, keys, torch.as_tensor(regs[name], device=keys.device))
-                layers[name] = payload
+                remaining = n_layers - i if self.config.residual_split == "remaining" else n_layers
+                residuals = (targets - current_all).T.to(torch.float64) / remaining  # (d_out, M)
+                layers[name] = _solve_layer(residuals, keys, torch.as_tensor(regs[name], device=keys.device))
+                internals.keys[name] = keys.cpu().numpy()
+                internals.residuals[name] = residuals.cpu().numpy()
                 if self.config.mode == "sequential":
-                    applied.append(apply_update(self.model, {name: payload.delta}))
-            return EditPayload(layers=layers, n_edits=len(requests), residual_norms=residual_norms)
+                    applied.append(apply_update(self.model, {name: layers[name].delta}))
+            payload = EditPayload(layers=layers, n_edits=len(requests), residual_norms=residual_norms)
+            return payload, internals
         finally:
             for record in reversed(applied):
                 revert_update(self.model, record)

@@ -1,0 +1,76 @@
+"""The embedded default in one call: world + world model + covariance statistics + MEMIT editor.
+
+>>> bed = load_testbed()                      # trains the world model on first use, then cached
+>>> cases = bed.world.edit_cases(50)
+>>> payload = bed.editor().edit([c.request for c in cases])
+
+Real models take the same path with :class:`fedke.editing.MemitEditor` directly: load the HF
+model from a local path, compute :func:`fedke.stats.layer_covariances` over local text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from fedke.data.world import World, WorldConfig
+from fedke.editing.memit import MemitConfig, MemitEditor, world_context_templates
+from fedke.editing.presets import preset_for
+from fedke.stats import layer_covariances
+from fedke.worldmodel import WorldModel, WorldModelConfig, load_world_model
+
+
+def world_layers(n_layer: int) -> tuple[int, ...]:
+    """Edited layers of a world model: every block but the first (1..n-1), as in the prototypes."""
+    return tuple(range(1, n_layer)) if n_layer > 1 else (0,)
+
+
+def default_memit_config(world: World, model_config: WorldModelConfig, **overrides) -> MemitConfig:
+    """MEMIT settings for a world model: its layers, last-token facts, prefixes from filler text."""
+    base = MemitConfig(layers=world_layers(model_config.n_layer), fact_token="last", lam=300.0,
+                       context_templates=world_context_templates(world.filler, 5, seed=world.config.seed))
+    return replace(base, **overrides)
+
+
+@dataclass
+class Testbed:
+    """A world model with its covariance statistics and MEMIT settings."""
+
+    world_model: WorldModel
+    covariances: dict[str, np.ndarray]
+    memit_config: MemitConfig
+
+    @property
+    def world(self) -> World:
+        return self.world_model.world
+
+    @property
+    def model(self):
+        return self.world_model.model
+
+    @property
+    def tokenizer(self):
+        return self.world_model.tokenizer
+
+    def editor(self, **overrides) -> MemitEditor:
+        """A MEMIT editor over this testbed's model (``overrides`` change MemitConfig fields)."""
+        config = replace(self.memit_config, **overrides) if overrides else self.memit_config
+        return MemitEditor(self.model, self.tokenizer, self.covariances, config)
+
+
+def load_testbed(world_config: WorldConfig | None = None, model_config: WorldModelConfig | None = None, *,
+                 cache_dir: str | Path | None = None, progress: bool = True, device=None,
+                 **memit_overrides) -> Testbed:
+    """Load (or build and cache) the world model and its statistics over the world's filler text."""
+    world_config = world_config or WorldConfig()
+    model_config = model_config or WorldModelConfig()
+    world_model = load_world_model(world_config, model_config, cache_dir=cache_dir, progress=progress, device=device)
+    memit_config = default_memit_config(world_model.world, model_config, **memit_overrides)
+    preset = preset_for(world_model.model, memit_config.layers)
+    layer_names = [preset.mlp_out_name(layer) for layer in preset.layers]
+    covariances = layer_covariances(world_model.model, world_model.tokenizer, layer_names,
+                                    list(world_model.world.filler_text()), source=f"world-{world_config.fingerprint()}",
+                                    cache_dir=cache_dir, progress=progress)
+    return Testbed(world_model, covariances, memit_config)

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny world and its world model, built once per test session in a temp cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fedke.data.world import WorldConfig
+from fedke.worldmodel import WorldModelConfig
+
+TINY_WORLD = WorldConfig(n_subjects=120, n_relations=3, n_objects=12, n_filler=300, seed=3)
+TINY_MODEL = WorldModelConfig(n_layer=3, n_embd=64, n_head=4, max_epochs=120, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fedke-cache")
+    previous = os.environ.get("FEDKE_CACHE")
+    os.environ["FEDKE_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("FEDKE_CACHE", None)
+    else:
+        os.environ["FEDKE_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_bed(cache_dir):
+    from fedke.testbed import load_testbed
+
+    return load_testbed(TINY_WORLD, TINY_MODEL, cache_dir=cache_dir, progress=False)
