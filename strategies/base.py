@@ -1,0 +1,793 @@
+"""The shared Flower strategy of fedke: validate edit payloads, merge them, keep the cumulative update.
+
+:class:`EditMergeStrategy` is a legacy :class:`flwr.server.strategy.Strategy` (the API used with
+``NumPyClient``). It is orchestration only; the maths lives in :mod:`fedke.merge` and the wire
+format in :mod:`fedke.codec`. A concrete strategy supplies one thing: :meth:`new_merger`, a
+:class:`RoundMerger` that is fed the round's accepted payloads one at a time and returns the
+round's per-layer update. Payloads are decoded and merged one client at a time, so a strategy
+that needs only running sums (CollabEdit) holds ``O(layers x d_in^2)`` whatever the number of
+clients, and nothing from a round survives it except the cumulative update and a small metrics
+dict.
+
+What travels (see :mod:`fedke.codec`):
+
+* server -> client (``FitIns`` / ``EvaluateIns``): ``encode_update(global_update)``, the
+  CUMULATIVE update of every edited layer since the start (zeros in round 1). A client sets
+  ``W_l = W0_l + update_l`` on its own copy of the base model; no full model ever travels.
+* client -> server (``FitRes.parameters``): ``encode_payload(EditPayload)``.
+
+The module-level helpers (:func:`sample_clients`, :func:`decode_reply`,
+:func:`weighted_metrics_average`, :func:`residual_norm_summary`) are the reusable pieces the class
+composes, in the style of Flower's ``strategy_utils``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from logging import ERROR, INFO, WARNING
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from fedke.codec import LayerSpec, PayloadError, decode_payload, encode_update
+from fedke.payload import EditPayload
+
+__all__ = [
+    "STATE_FORMAT",
+    "STATE_VERSION",
+    "EditMergeStrategy",
+    "RoundMerger",
+    "decode_reply",
+    "residual_norm_summary",
+    "sample_clients",
+    "weighted_metrics_average",
+]
+
+STATE_FORMAT = "fedke.strategy_state"
+STATE_VERSION = 1
+_WIRE_DTYPES = ("float16", "float32", "float64")
+_MAX_REASON_CHARS = 500
+
+EvaluateFn = Callable[[int, dict[str, np.ndarray]], "tuple[float, dict[str, Scalar]] | None"]
+ConfigFn = Callable[[int], dict[str, Scalar]]
+RoundEndFn = Callable[[int, dict[str, Scalar]], None]
+
+
+# ----------------------------------------------------------------------------- the merge of one round
+
+
+class RoundMerger(ABC):
+    """One round's merge, fed the accepted payloads one at a time.
+
+    The strategy calls :meth:`add` once per accepted payload (already validated by the codec and
+    by :meth:`EditMergeStrategy.check_payload`), then :meth:`result` once, then :meth:`commit`
+    only if the result was applied to the global update. A merger must not touch the strategy's
+    state before :meth:`commit`: a round that fails leaves everything as it was.
+    """
+
+    @abstractmethod
+    def add(self, payload: EditPayload, weight: float) -> None:
+        """Take one client's payload into the round (``weight``: its ``n_edits``)."""
+
+    @abstractmethod
+    def result(self) -> dict[str, np.ndarray]:
+        """The round's update per layer, float64 ``(d_out, d_in)``."""
+
+    def commit(self) -> None:
+        """Called once :meth:`result` has been applied; update strategy state here (default: nothing)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_layer_specs(layer_specs: Sequence[LayerSpec]) -> tuple[LayerSpec, ...]:
+    specs = tuple(layer_specs)
+    if not specs:
+        raise ValueError("layer_specs is empty: a strategy needs at least one edited layer")
+    seen: set[str] = set()
+    for spec in specs:
+        if not isinstance(spec, LayerSpec):
+            raise TypeError(f"layer_specs must hold fedke.codec.LayerSpec, got {type(spec).__name__}")
+        if spec.name in seen:
+            raise ValueError(f"layer_specs: layer {spec.name!r} listed twice")
+        seen.add(spec.name)
+        for dim in (spec.d_out, spec.d_in):
+            if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+                raise ValueError(f"layer_specs: layer {spec.name!r} needs positive integer d_out, d_in; got {spec}")
+    return specs
+
+
+def _shape_of(kind: str, spec: LayerSpec) -> tuple[int, int]:
+    """``"update"``: ``(d_out, d_in)``; ``"gram"``: ``(d_in, d_in)``."""
+    return (spec.d_out, spec.d_in) if kind == "update" else (spec.d_in, spec.d_in)
+
+
+def check_layer_arrays(
+    what: str, arrays: Mapping[str, Any], specs: Sequence[LayerSpec], kind: str
+) -> dict[str, np.ndarray]:
+    """``arrays`` as fresh float64 copies, one per layer of ``specs``; ValueError naming ``what`` otherwise.
+
+    Checks the layer set (exactly the names of ``specs``), real numeric dtype, the shape of
+    ``kind`` (``"update"`` ``(d_out, d_in)`` or ``"gram"`` ``(d_in, d_in)``) and finite values.
+    """
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"{what} must be a mapping from layer name to array, got {type(arrays).__name__}")
+    names = [spec.name for spec in specs]
+    missing = [name for name in names if name not in arrays]
+    extra = [name for name in arrays if name not in names]
+    if missing or extra:
+        raise ValueError(f"{what}: layer set differs from layer_specs: missing {missing}, unexpected {extra}")
+    out = {}
+    for spec in specs:
+        array = np.asarray(arrays[spec.name])
+        if array.dtype == object or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(f"{what}[{spec.name!r}]: must be a real numeric array, got dtype {array.dtype}")
+        if array.shape != _shape_of(kind, spec):
+            raise ValueError(f"{what}[{spec.name!r}]: shape {array.shape}, expected {_shape_of(kind, spec)}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{what}[{spec.name!r}]: has non-finite values")
+        out[spec.name] = np.array(array, dtype=np.float64, copy=True)
+    return out
+
+
+def _cid(client_proxy: Any) -> str:
+    return str(getattr(client_proxy, "cid", client_proxy))
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 3] + "..."
+
+
+def _reason(error: BaseException) -> str:
+    """A one-line reason for a rejected reply (PayloadError messages already name layer and array)."""
+    if isinstance(error, PayloadError):
+        return _short(str(error))
+    return _short(f"{type(error).__name__}: {error}")
+
+
+def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> str:
+    """One line for an entry of Flower's ``failures`` list: an exception, or a (proxy, reply) pair."""
+    if isinstance(failure, BaseException):
+        return _short(f"{type(failure).__name__}: {failure}")
+    try:
+        proxy, reply = failure
+    except (TypeError, ValueError):
+        return _short(repr(failure))
+    status = getattr(reply, "status", None)
+    if status is not None:
+        code = getattr(status.code, "name", status.code)
+        return _short(f"client {_cid(proxy)}: status {code}: {status.message}")
+    return _short(f"client {_cid(proxy)}: {reply!r}")
+
+
+def sample_clients(
+    client_manager: ClientManager, *, fraction: float, min_clients: int, min_available_clients: int
+) -> list[ClientProxy]:
+    """Flower's sampling rule: ``max(min_clients, int(fraction * available))`` clients.
+
+    ``client_manager.sample`` first waits until ``min_available_clients`` clients have registered
+    (this is what protects against node registration racing the ServerApp start), then samples
+    uniformly without replacement; it returns ``[]`` when fewer clients than requested exist.
+    """
+    num_clients = max(int(client_manager.num_available() * fraction), min_clients)
+    return client_manager.sample(num_clients=num_clients, min_num_clients=min_available_clients)
+
+
+def decode_reply(
+    fit_res: FitRes,
+    *,
+    expected: Sequence[LayerSpec],
+    max_norm: float | Mapping[str, float] | None,
+    psd_tol: float | None,
+    require: Sequence[str] = (),
+) -> EditPayload:
+    """One client's ``FitRes`` as a validated float64 :class:`EditPayload`; PayloadError with the reason.
+
+    A reply with a non-OK status, parameters that do not deserialise as plain NumPy arrays, or any
+    failure of :func:`fedke.codec.decode_payload` raises :class:`PayloadError`.
+    """
+    status = getattr(fit_res, "status", None)
+    if status is not None and status.code != Code.OK:
+        raise PayloadError(f"reply status {getattr(status.code, 'name', status.code)}: {status.message}")
+    try:
+        arrays = parameters_to_ndarrays(fit_res.parameters)
+    except Exception as error:  # noqa: BLE001 - bytes from a client: anything can go wrong
+        raise PayloadError(f"parameters are not plain NumPy arrays ({type(error).__name__}: {error})") from None
+    try:
+        return decode_payload(arrays, expected=expected, max_norm=max_norm, psd_tol=psd_tol, require=require)
+    except PayloadError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise PayloadError(f"payload not decodable ({type(error).__name__}: {error})") from None
+
+
+def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """Mean of the finite values weighted by the (non-negative) weights; plain mean if they sum to 0."""
+    finite = [(max(float(w), 0.0), float(v)) for w, v in pairs if math.isfinite(float(v))]
+    if not finite:
+        return None
+    total = sum(w for w, _ in finite)
+    if total > 0:
+        return sum(w * v for w, v in finite) / total
+    return sum(v for _, v in finite) / len(finite)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def weighted_metrics_average(pairs: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[str, float]:
+    """Every numeric metric key averaged over the clients reporting it, weighted by ``num_examples``.
+
+    Booleans, strings and bytes are skipped; non-finite values are ignored; a key reported by only
+    some clients is averaged over those. If the weights of a key sum to 0 its plain mean is used.
+    """
+    values: dict[str, list[tuple[float, float]]] = {}
+    for num_examples, metrics in pairs:
+        for key, value in (metrics or {}).items():
+            if _is_number(value):
+                values.setdefault(key, []).append((float(num_examples), float(value)))
+    out = {}
+    for key, key_pairs in values.items():
+        mean = _weighted_mean(key_pairs)
+        if mean is not None:
+            out[key] = mean
+    return out
+
+
+def residual_norm_summary(norms: Sequence[np.ndarray]) -> dict[str, float]:
+    """Mean, median and max of the per-request residual norms (CollabEdit eq. 6 overlap detector).
+
+    Empty when no request reported a norm.
+    """
+    flat = np.concatenate([np.asarray(n, dtype=np.float64).reshape(-1) for n in norms]) if norms else np.zeros(0)
+    if flat.size == 0:
+        return {}
+    return {
+        "residual_norm_mean": float(flat.mean()),
+        "residual_norm_median": float(np.median(flat)),
+        "residual_norm_max": float(flat.max()),
+        "residual_norm_count": int(flat.size),
+    }
+
+
+def _frobenius(update: Mapping[str, np.ndarray]) -> float:
+    return float(math.sqrt(sum(float(np.vdot(a, a)) for a in update.values())))
+
+
+def _json_scalar(value: Any) -> Any:
+    """``value`` as a plain JSON-able Python scalar (NumPy scalars unwrapped; bytes dropped to str)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+# ----------------------------------------------------------------------------- the strategy
+
+
+class EditMergeStrategy(Strategy, ABC):
+    """Federated knowledge editing: merge clients' edit payloads into one cumulative update.
+
+    Each round the sampled clients receive the cumulative update of the edited layers, edit their
+    own requests on top of it and reply with an :class:`fedke.payload.EditPayload` (per layer
+    ``Delta_i``, ``K_i K_i^T``, ``R_i K_i^T``). Every reply is validated before anything is
+    merged; a reply that fails is rejected, logged with the client's id and the reason, and the
+    rest of the round goes on. The accepted payloads are merged by the subclass's
+    :class:`RoundMerger` and the result is added to :attr:`global_update`, unless it is not
+    finite (then the round changes nothing and an error is logged).
+
+    Parameters
+    ----------
+    layer_specs : Sequence[fedke.codec.LayerSpec]
+        The edited layers: name and weight shape ``(d_out, d_in)``. Every payload must carry
+        exactly these layers with these shapes. Required.
+    min_fit_clients : int (default: 2)
+        Minimum number of clients sampled for an edit round.
+    min_evaluate_clients : int (default: 2)
+        Minimum number of clients sampled for federated evaluation.
+    min_available_clients : int (default: 2)
+        Number of registered clients to wait for before sampling. Set it to the federation size
+        when every client must take part (node registration races the ServerApp start).
+    fraction_fit : float (default: 1.0)
+        Fraction of available clients sampled for an edit round (at least ``min_fit_clients``).
+    fraction_evaluate : float (default: 1.0)
+        Fraction of available clients sampled for evaluation; 0.0 disables federated evaluation.
+    max_norm : float | Mapping[str, float] | None (default: 1e6)
+        Largest Frobenius norm accepted for each array of a payload (``delta``, ``kkt``, ``rkt``,
+        ``residual_norms``), or a mapping over those names; None disables the check. Note that
+        ``||K K^T||_F`` grows with the number of edits and the key norms: raise it, or give a
+        mapping, for large models.
+    wire_dtype : numpy dtype (default: np.float32)
+        dtype of the cumulative update sent to clients (float16, float32 or float64). A merge whose
+        result would overflow it is refused.
+    on_fit_config_fn : Callable[[int], dict[str, Scalar]] | None (default: None)
+        Extra config for the edit round; merged into ``{"server_round": server_round}``.
+    on_evaluate_config_fn : Callable[[int], dict[str, Scalar]] | None (default: None)
+        Extra config for federated evaluation; merged into ``{"server_round": server_round}``.
+    evaluate_fn : Callable[[int, dict[str, np.ndarray]], tuple[float, dict[str, Scalar]] | None] | None (default: None)
+        ORACLE evaluation for simulations: called by :meth:`evaluate` as
+        ``evaluate_fn(server_round, update)`` with read-only views of the cumulative update. It
+        runs on the server and may see every client's requests, which a real deployment cannot:
+        the federated evaluation is the clients' own (``configure_evaluate`` /
+        ``aggregate_evaluate``).
+    on_round_end : Callable[[int, dict[str, Scalar]], None] | None (default: None)
+        Called after every ``aggregate_fit`` with the round's metrics (for logging results).
+    initial_update : Mapping[str, np.ndarray] | None (default: None)
+        Cumulative update to start from, one ``(d_out, d_in)`` array per layer; zeros if None.
+    psd_tol : float | None (default: 1e-6)
+        Tolerance of the codec's positive semi-definite check of each ``K K^T`` (one Cholesky,
+        ``O(d_in^3)`` per layer and client); None skips it.
+    """
+
+    #: Per-layer arrays every payload must carry (passed to ``decode_payload(require=...)``).
+    required_arrays: ClassVar[tuple[str, ...]] = ()
+    #: State saved by :meth:`state_dict`: attribute name -> shape kind (``"update"`` or ``"gram"``).
+    _STATE_GROUPS: ClassVar[dict[str, str]] = {"global_update": "update"}
+
+    def __init__(
+        self,
+        *,
+        layer_specs: Sequence[LayerSpec],
+        min_fit_clients: int = 2,
+        min_evaluate_clients: int = 2,
+        min_available_clients: int = 2,
+        fraction_fit: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        max_norm: float | Mapping[str, float] | None = 1e6,
+        wire_dtype: Any = np.float32,
+        on_fit_config_fn: ConfigFn | None = None,
+        on_evaluate_config_fn: ConfigFn | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+        on_round_end: RoundEndFn | None = None,
+        initial_update: Mapping[str, np.ndarray] | None = None,
+        psd_tol: float | None = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.layer_specs: tuple[LayerSpec, ...] = _check_layer_specs(layer_specs)
+        for name, value in (
+            ("min_fit_clients", min_fit_clients),
+            ("min_evaluate_clients", min_evaluate_clients),
+            ("min_available_clients", min_available_clients),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name, value in (("fraction_fit", fraction_fit), ("fraction_evaluate", fraction_evaluate)):
+            if not (0.0 <= float(value) <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if max_norm is not None and not isinstance(max_norm, Mapping) and not float(max_norm) > 0:
+            raise ValueError(f"max_norm must be positive or None, got {max_norm!r}")
+        if np.dtype(wire_dtype).name not in _WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {_WIRE_DTYPES}, got {np.dtype(wire_dtype).name}")
+        if min_fit_clients > min_available_clients or min_evaluate_clients > min_available_clients:
+            log(
+                WARNING,
+                "min_available_clients (%s) is below min_fit_clients (%s) or min_evaluate_clients (%s): "
+                "sampling may fail when too few clients are connected",
+                min_available_clients,
+                min_fit_clients,
+                min_evaluate_clients,
+            )
+        self.min_fit_clients = int(min_fit_clients)
+        self.min_evaluate_clients = int(min_evaluate_clients)
+        self.min_available_clients = int(min_available_clients)
+        self.fraction_fit = float(fraction_fit)
+        self.fraction_evaluate = float(fraction_evaluate)
+        self.max_norm = max_norm
+        self.wire_dtype = np.dtype(wire_dtype)
+        self.psd_tol = psd_tol
+        self.on_fit_config_fn = on_fit_config_fn
+        self.on_evaluate_config_fn = on_evaluate_config_fn
+        self.evaluate_fn = evaluate_fn
+        self.on_round_end = on_round_end
+
+        if initial_update is None:
+            self.global_update: dict[str, np.ndarray] = {
+                spec.name: np.zeros((spec.d_out, spec.d_in)) for spec in self.layer_specs
+            }
+        else:
+            self.global_update = check_layer_arrays("initial_update", initial_update, self.layer_specs, "update")
+        #: Number of rounds whose merge was applied to :attr:`global_update`.
+        self.rounds_merged = 0
+        #: One small dict of metrics per ``aggregate_fit`` call (``server_round`` included).
+        self.round_metrics: list[dict[str, Scalar]] = []
+        #: ``(cid, reason)`` of every reply rejected in the last ``aggregate_fit``.
+        self.last_rejections: list[tuple[str, str]] = []
+        #: One line per entry of the last ``aggregate_fit``'s ``failures``.
+        self.last_failures: list[str] = []
+
+    # ------------------------------------------------------------------------- subclass API
+
+    @abstractmethod
+    def new_merger(self) -> RoundMerger:
+        """A fresh :class:`RoundMerger` for one round (reads, never writes, the strategy's state)."""
+
+    def check_payload(self, payload: EditPayload) -> None:
+        """Strategy-specific checks of a decoded payload; raise PayloadError to reject it (default: none)."""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The strategy's settings as JSON-able scalars (used by ``__repr__`` and ``state_dict``)."""
+        return {
+            "layers": [spec.name for spec in self.layer_specs],
+            "min_fit_clients": self.min_fit_clients,
+            "min_evaluate_clients": self.min_evaluate_clients,
+            "min_available_clients": self.min_available_clients,
+            "fraction_fit": self.fraction_fit,
+            "fraction_evaluate": self.fraction_evaluate,
+            "max_norm": dict(self.max_norm) if isinstance(self.max_norm, Mapping) else self.max_norm,
+            "wire_dtype": self.wire_dtype.name,
+            "psd_tol": self.psd_tol,
+        }
+
+    # ------------------------------------------------------------------------- fedke API
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [spec.name for spec in self.layer_specs]
+
+    def merge(self, payloads: Sequence[EditPayload], weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+        """The merged update of ``payloads`` (weights default to their ``n_edits``), without applying it.
+
+        Reads the current state (e.g. CollabEdit's dynamic regulariser) but changes nothing.
+        """
+        if weights is None:
+            weights = [float(p.n_edits) for p in payloads]
+        if len(weights) != len(payloads):
+            raise ValueError(f"weights must have one entry per payload ({len(payloads)}), got {len(weights)}")
+        if not payloads:
+            raise ValueError("payloads is empty: nothing to merge")
+        merger = self.new_merger()
+        for payload, weight in zip(payloads, weights):
+            self.check_payload(payload)
+            merger.add(payload, float(weight))
+        return merger.result()
+
+    def update_parameters(self) -> Parameters:
+        """The cumulative update as Flower ``Parameters`` (what every FitIns / EvaluateIns carries)."""
+        return ndarrays_to_parameters(encode_update(self.global_update, dtype=self.wire_dtype))
+
+    # ------------------------------------------------------------------------- Flower API
+
+    def __repr__(self) -> str:
+        settings = self.hyperparameters()
+        settings["layers"] = len(self.layer_specs)
+        inner = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+        return f"{type(self).__name__}({inner})"
+
+    def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
+        """Return the sample size and the required number of available clients."""
+        return max(int(num_available_clients * self.fraction_fit), self.min_fit_clients), self.min_available_clients
+
+    def num_evaluation_clients(self, num_available_clients: int) -> tuple[int, int]:
+        """Return the sample size and the required number of available clients for evaluation."""
+        return (
+            max(int(num_available_clients * self.fraction_evaluate), self.min_evaluate_clients),
+            self.min_available_clients,
+        )
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """The initial cumulative update (zeros, or ``initial_update``), encoded for the wire."""
+        return self.update_parameters()
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Send the cumulative update of the edited layers (never a full model) to the sampled clients.
+
+        ``parameters`` (the server's copy) is ignored: :attr:`global_update` is the source of truth.
+        Config: ``{"server_round": server_round, **on_fit_config_fn(server_round)}``.
+        """
+        config: dict[str, Scalar] = {"server_round": server_round}
+        if self.on_fit_config_fn is not None:
+            config.update(self.on_fit_config_fn(server_round))
+        fit_ins = FitIns(self.update_parameters(), config)
+        clients = sample_clients(
+            client_manager,
+            fraction=self.fraction_fit,
+            min_clients=self.min_fit_clients,
+            min_available_clients=self.min_available_clients,
+        )
+        return [(client, fit_ins) for client in clients]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Validate every reply, merge the accepted ones, add the merge to the cumulative update.
+
+        Returns the (possibly unchanged) cumulative update and the round's metrics: ``n_results``,
+        ``n_accepted``, ``n_rejected``, ``n_failures``, ``n_edits`` (accepted), ``applied``,
+        ``decode_seconds``, ``merge_seconds``, ``aggregate_seconds``, ``update_norm`` (Frobenius
+        norm of this round's update over all layers, 0 if not applied), ``global_update_norm`` and,
+        when clients reported them, ``residual_norm_mean/median/max/count``.
+        """
+        started = time.perf_counter()
+        self.last_failures = [describe_failure(failure) for failure in failures]
+        for line in self.last_failures:
+            log(WARNING, "round %s: client failure: %s", server_round, line)
+        self.last_rejections = []
+
+        merger = self.new_merger()
+        n_accepted = 0
+        n_edits = 0
+        norms: list[np.ndarray] = []
+        decode_seconds = 0.0
+        merge_seconds = 0.0
+        error: str | None = None
+        for client_proxy, fit_res in results:
+            cid = _cid(client_proxy)
+            tic = time.perf_counter()
+            try:
+                payload = decode_reply(
+                    fit_res,
+                    expected=self.layer_specs,
+                    max_norm=self.max_norm,
+                    psd_tol=self.psd_tol,
+                    require=self.required_arrays,
+                )
+                self.check_payload(payload)
+            except Exception as rejection:  # noqa: BLE001 - any bad reply is rejected, never fatal
+                reason = _reason(rejection)
+                self.last_rejections.append((cid, reason))
+                log(WARNING, "round %s: rejected the payload of client %s: %s", server_round, cid, reason)
+                continue
+            finally:
+                decode_seconds += time.perf_counter() - tic
+            tic = time.perf_counter()
+            try:
+                merger.add(payload, float(payload.n_edits))
+            except Exception as failure:  # noqa: BLE001 - a merge bug must not corrupt the state
+                error = f"merging the payload of client {cid} failed: {_reason(failure)}"
+                break
+            finally:
+                merge_seconds += time.perf_counter() - tic
+            n_accepted += 1
+            n_edits += int(payload.n_edits)
+            norms.append(payload.residual_norms)
+            del payload
+
+        parameters = None
+        merged: dict[str, np.ndarray] | None = None
+        if error is None and n_accepted > 0:
+            tic = time.perf_counter()
+            try:
+                merged = merger.result()
+            except Exception as failure:  # noqa: BLE001
+                error = f"merge failed: {_reason(failure)}"
+            merge_seconds += time.perf_counter() - tic
+        if merged is not None:
+            candidate, problem = self._candidate(merged)
+            if problem is None:
+                try:
+                    parameters = ndarrays_to_parameters(encode_update(candidate, dtype=self.wire_dtype))
+                except Exception as failure:  # noqa: BLE001 - e.g. overflow of the wire dtype
+                    problem = f"the new cumulative update cannot be encoded: {_reason(failure)}"
+            if problem is None:
+                self.global_update = candidate
+                merger.commit()
+                self.rounds_merged += 1
+            else:
+                error = problem
+        if error is not None:
+            log(ERROR, "round %s: %s; the cumulative update is left unchanged", server_round, error)
+        applied = parameters is not None
+        if parameters is None:
+            parameters = self.update_parameters()
+
+        metrics: dict[str, Scalar] = {
+            "n_results": len(results),
+            "n_accepted": n_accepted,
+            "n_rejected": len(self.last_rejections),
+            "n_failures": len(failures),
+            "n_edits": n_edits,
+            "applied": applied,
+            "decode_seconds": decode_seconds,
+            "merge_seconds": merge_seconds,
+            "update_norm": _frobenius(merged) if applied and merged is not None else 0.0,
+            "global_update_norm": _frobenius(self.global_update),
+        }
+        if error is not None:
+            metrics["error"] = _short(error)
+        metrics.update(residual_norm_summary(norms))
+        metrics["aggregate_seconds"] = time.perf_counter() - started
+        log(
+            INFO,
+            "round %s: %s accepted, %s rejected, %s failures, %s edits, update norm %.4g (%s)",
+            server_round,
+            n_accepted,
+            metrics["n_rejected"],
+            metrics["n_failures"],
+            n_edits,
+            metrics["update_norm"],
+            "applied" if applied else "not applied",
+        )
+        self.round_metrics.append({"server_round": int(server_round), **{k: _json_scalar(v) for k, v in metrics.items()}})
+        if self.on_round_end is not None:
+            self.on_round_end(server_round, dict(metrics))
+        return parameters, metrics
+
+    def _candidate(self, merged: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str | None]:
+        """``global_update + merged`` as a new dict, or the reason it must not be applied."""
+        if set(merged) != set(self.global_update):
+            return {}, f"merge returned layers {sorted(merged)}, expected {sorted(self.global_update)}"
+        candidate = {}
+        for spec in self.layer_specs:
+            update = np.asarray(merged[spec.name])
+            if update.shape != (spec.d_out, spec.d_in):
+                return {}, f"merge returned shape {update.shape} for layer {spec.name!r}, expected {(spec.d_out, spec.d_in)}"
+            if not np.isfinite(update).all():
+                return {}, f"merge returned non-finite values for layer {spec.name!r}"
+            total = self.global_update[spec.name] + update
+            if not np.isfinite(total).all():
+                return {}, f"the cumulative update of layer {spec.name!r} overflows"
+            candidate[spec.name] = total
+        return candidate, None
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Send the cumulative update to a sample of clients for federated evaluation.
+
+        Config: ``{"server_round": server_round, **on_evaluate_config_fn(server_round)}``. Nothing
+        is sent when ``fraction_evaluate`` is 0.
+        """
+        if self.fraction_evaluate == 0.0:
+            return []
+        config: dict[str, Scalar] = {"server_round": server_round}
+        if self.on_evaluate_config_fn is not None:
+            config.update(self.on_evaluate_config_fn(server_round))
+        evaluate_ins = EvaluateIns(self.update_parameters(), config)
+        clients = sample_clients(
+            client_manager,
+            fraction=self.fraction_evaluate,
+            min_clients=self.min_evaluate_clients,
+            min_available_clients=self.min_available_clients,
+        )
+        return [(client, evaluate_ins) for client in clients]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Loss and every numeric metric averaged over the clients, weighted by ``num_examples``.
+
+        Replies with a non-OK status count as failures. Adds ``n_results``, ``n_failures`` and
+        ``num_examples`` (these names override clients' metrics of the same name).
+        """
+        n_failures = len(failures)
+        for failure in failures:
+            log(WARNING, "round %s: evaluation failure: %s", server_round, describe_failure(failure))
+        replies = []
+        for client_proxy, res in results:
+            if res.status.code != Code.OK:
+                n_failures += 1
+                log(WARNING, "round %s: evaluation failure: %s", server_round, describe_failure((client_proxy, res)))
+                continue
+            replies.append(res)
+        if not replies:
+            return None, {"n_results": 0, "n_failures": n_failures, "num_examples": 0}
+        loss = _weighted_mean([(res.num_examples, res.loss) for res in replies])
+        metrics: dict[str, Scalar] = dict(weighted_metrics_average([(res.num_examples, res.metrics) for res in replies]))
+        metrics.update(
+            {
+                "n_results": len(replies),
+                "n_failures": n_failures,
+                "num_examples": int(sum(res.num_examples for res in replies)),
+            }
+        )
+        return loss, metrics
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """ORACLE evaluation for simulations: ``evaluate_fn(server_round, update)``, or None without one.
+
+        ``update`` maps each layer to a read-only view of :attr:`global_update` (``parameters`` is
+        ignored). The oracle may see every client's requests; it is not part of the federated
+        protocol, whose evaluation is the clients' own.
+        """
+        if self.evaluate_fn is None:
+            return None
+        views = {}
+        for name, array in self.global_update.items():
+            view = array.view()
+            view.flags.writeable = False
+            views[name] = view
+        outcome = self.evaluate_fn(server_round, views)
+        if outcome is None:
+            return None
+        loss, metrics = outcome
+        return float(loss), dict(metrics)
+
+    # ------------------------------------------------------------------------- checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's state as plain NumPy arrays and JSON-able values (no pickle).
+
+        Returns ``{"arrays": {"<group>/<layer>": float64 array}, "meta": {...}}``; groups are
+        ``global_update`` (and ``kkt_total`` for CollabEdit). ``meta`` holds the format, the
+        strategy's class name, the layer specs, ``rounds_merged``, ``round_metrics`` and the
+        hyperparameters; it survives ``json.dumps``. Arrays are copies.
+        """
+        arrays = {}
+        for group in self._STATE_GROUPS:
+            for name, array in getattr(self, group).items():
+                arrays[f"{group}/{name}"] = np.array(array, dtype=np.float64, copy=True)
+        meta = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "strategy": type(self).__name__,
+            "layer_specs": [[spec.name, int(spec.d_out), int(spec.d_in)] for spec in self.layer_specs],
+            "rounds_merged": int(self.rounds_merged),
+            "round_metrics": [dict(entry) for entry in self.round_metrics],
+            "hyperparameters": self.hyperparameters(),
+        }
+        return {"arrays": arrays, "meta": meta}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; ValueError (and nothing changed) if it does not fit.
+
+        The strategy class and the layer specs must match; differing hyperparameters are logged as
+        a warning (the constructor's settings are kept).
+        """
+        try:
+            arrays, meta = state["arrays"], state["meta"]
+        except (KeyError, TypeError):
+            raise ValueError("state must be a mapping with 'arrays' and 'meta'") from None
+        if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"state format {meta.get('format')!r} v{meta.get('version')!r}, expected {STATE_FORMAT!r} v{STATE_VERSION}"
+            )
+        if meta.get("strategy") != type(self).__name__:
+            raise ValueError(f"state was saved by {meta.get('strategy')!r}, cannot load into {type(self).__name__}")
+        specs = [[spec.name, spec.d_out, spec.d_in] for spec in self.layer_specs]
+        if [list(entry) for entry in meta.get("layer_specs", [])] != specs:
+            raise ValueError(f"state layer specs {meta.get('layer_specs')} differ from this strategy's {specs}")
+        rounds_merged = meta.get("rounds_merged")
+        if isinstance(rounds_merged, bool) or not isinstance(rounds_merged, int) or rounds_merged < 0:
+            raise ValueError(f"state rounds_merged must be a non-negative integer, got {rounds_merged!r}")
+        expected_keys = {f"{group}/{spec.name}" for group in self._STATE_GROUPS for spec in self.layer_specs}
+        extra = sorted(set(arrays) - expected_keys)
+        if extra:
+            raise ValueError(f"state has unexpected arrays {extra}")
+        staged = {}
+        for group, kind in self._STATE_GROUPS.items():
+            prefix = f"{group}/"
+            grouped = {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)}
+            staged[group] = check_layer_arrays(f"state {group}", grouped, self.layer_specs, kind)
+        saved = meta.get("hyperparameters", {})
+        current = self.hyperparameters()
+        differing = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+        if differing:
+            log(WARNING, "loading a state saved with different settings (%s); keeping this strategy's", ", ".join(differing))
+        for group, values in staged.items():
+            setattr(self, group, values)
+        self.rounds_merged = rounds_merged
+        self.round_metrics = [dict(entry) for entry in meta.get("round_metrics", [])]
+        self.last_rejections = []
+        self.last_failures = []

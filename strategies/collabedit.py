@@ -1,0 +1,163 @@
+"""CollabEdit: the non-destructive merge of clients' MEMIT edits (Zheng et al., arXiv 2410.09508).
+
+Lemma 1 / eq. 4 (NOTES.md section 1): with ``A = lam C`` and per-client ``Delta_i``, ``K_i K_i^T``::
+
+    Delta_G = sum_i Delta_i (A + K_i K_i^T) (A + sum_j K_j K_j^T)^-1 = S (A + G)^-1,
+    S = sum_i R_i K_i^T,  G = sum_i K_i K_i^T,
+
+which equals Global-Edit (MEMIT on all clients' requests at once). The server needs only the two
+sums, so the merger keeps running sums and never a per-client array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fedke.codec import PayloadError
+from fedke.merge import collab_edit_from_sums, rkt_from_delta
+from fedke.payload import EditPayload
+
+from .base import EditMergeStrategy, RoundMerger, check_layer_arrays
+
+__all__ = ["CollabEdit"]
+
+
+class CollabEdit(EditMergeStrategy):
+    """CollabEdit: merge MEMIT edits exactly as if one editor had made them all.
+
+    Implementation based on arXiv 2410.09508 (Lemma 1, eq. 4; dynamic covariance, eq. 7).
+
+    Each round the merged update is ``Delta = S (A_t + G)^-1`` with ``S = sum_i R_i K_i^T`` and
+    ``G = sum_i K_i K_i^T`` over the round's accepted payloads, solved in float64 by Cholesky
+    (:func:`fedke.merge.collab_edit_from_sums`). A payload without ``R_i K_i^T`` contributes
+    ``Delta_i (A0 + K_i K_i^T)`` (:func:`fedke.merge.rkt_from_delta`), which equals ``R_i K_i^T``
+    when the client edited with the regulariser ``A0`` given here. Memory is
+    ``O(layers x d_in^2)`` whatever the number of clients.
+
+    Dynamic covariance (eq. 7, against forgetting over rounds): the strategy keeps
+    ``kkt_total[l]``, the sum of every merged ``K K^T`` of the applied rounds. With
+    ``dynamic_covariance=(beta0, beta1)`` round ``t`` solves with
+    ``A_t = beta0 * A0 + beta1 * kkt_total`` (``kkt_total`` as it stood before round ``t``);
+    without it ``A_t = A0``. In the sums form this is the exact Global-Edit with ``A_t`` whatever
+    regulariser the clients used, since neither ``S`` nor ``G`` depends on it. (``A0`` is already
+    ``lam C0``: the authors' ``beta0 = beta1 = lam`` on ``C0`` is ``(1.0, lam)`` here.)
+
+    Parameters
+    ----------
+    regularisers : Mapping[str, np.ndarray]
+        ``A0_l = lam * C_l`` per edited layer, ``(d_in, d_in)``, symmetric positive definite: the
+        regulariser the clients edit with. Required.
+    use_sums : bool (default: True)
+        True: merge from the sums ``S``, ``G`` (clients' ``rkt`` if sent, else derived from
+        ``delta``). False: the delta form of Lemma 1, ``S = sum_i Delta_i (A0 + K_i K_i^T)`` from
+        the deltas alone (every payload must carry ``delta``; ``rkt`` is ignored). Both give the
+        same result when clients are honest and edit with ``A0``.
+    dynamic_covariance : tuple[float, float] | None (default: None)
+        ``(beta0, beta1)`` of eq. 7, ``beta0 > 0``, ``beta1 >= 0``; None keeps ``A_t = A0``.
+    **kwargs
+        The :class:`EditMergeStrategy` parameters (``layer_specs`` is required).
+    """
+
+    _STATE_GROUPS: ClassVar[dict[str, str]] = {**EditMergeStrategy._STATE_GROUPS, "kkt_total": "gram"}
+
+    def __init__(
+        self,
+        *,
+        regularisers: Mapping[str, np.ndarray],
+        use_sums: bool = True,
+        dynamic_covariance: tuple[float, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.regularisers = check_layer_arrays("regularisers", regularisers, self.layer_specs, "gram")
+        for name, matrix in self.regularisers.items():
+            scale = max(float(np.linalg.norm(matrix)), np.finfo(np.float64).tiny)
+            if float(np.linalg.norm(matrix - matrix.T)) > 1e-8 * scale:
+                raise ValueError(f"regularisers[{name!r}] must be symmetric (lam * C)")
+        self.use_sums = bool(use_sums)
+        if dynamic_covariance is not None:
+            try:
+                beta0, beta1 = (float(beta) for beta in dynamic_covariance)
+            except (TypeError, ValueError):
+                raise ValueError(f"dynamic_covariance must be (beta0, beta1), got {dynamic_covariance!r}") from None
+            if not (np.isfinite(beta0) and np.isfinite(beta1) and beta0 > 0 and beta1 >= 0):
+                raise ValueError(f"dynamic_covariance needs finite beta0 > 0 and beta1 >= 0, got {dynamic_covariance!r}")
+            dynamic_covariance = (beta0, beta1)
+        self.dynamic_covariance: tuple[float, float] | None = dynamic_covariance
+        #: Sum of the merged ``K K^T`` of every applied round, per layer ``(d_in, d_in)``.
+        self.kkt_total: dict[str, np.ndarray] = {spec.name: np.zeros((spec.d_in, spec.d_in)) for spec in self.layer_specs}
+
+    @property
+    def required_arrays(self) -> tuple[str, ...]:  # type: ignore[override]
+        return () if self.use_sums else ("delta",)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        settings = super().hyperparameters()
+        settings["use_sums"] = self.use_sums
+        settings["dynamic_covariance"] = None if self.dynamic_covariance is None else list(self.dynamic_covariance)
+        return settings
+
+    def regulariser_for_round(self) -> dict[str, np.ndarray]:
+        """``A_t`` per layer for the next merge: ``A0``, or ``beta0 * A0 + beta1 * kkt_total`` (eq. 7)."""
+        if self.dynamic_covariance is None:
+            return dict(self.regularisers)
+        beta0, beta1 = self.dynamic_covariance
+        return {name: beta0 * a0 + beta1 * self.kkt_total[name] for name, a0 in self.regularisers.items()}
+
+    def check_payload(self, payload: EditPayload) -> None:
+        """With ``use_sums`` every layer needs ``rkt`` or ``delta``."""
+        if not self.use_sums:
+            return
+        for name, layer in payload.layers.items():
+            if layer.rkt is None and layer.delta is None:
+                raise PayloadError(f"layer {name!r}: carries neither rkt nor delta (nothing to merge)")
+
+    def new_merger(self) -> RoundMerger:
+        return _CollabMerger(self)
+
+
+class _CollabMerger(RoundMerger):
+    """Running sums ``S`` and ``G`` per layer (delta form: ``sum Delta_i``, ``sum Delta_i K_iK_i^T``, ``G``)."""
+
+    def __init__(self, strategy: CollabEdit) -> None:
+        self.strategy = strategy
+        self.client_regularisers = strategy.regularisers
+        self.round_regularisers = strategy.regulariser_for_round()
+        self.use_sums = strategy.use_sums
+        specs = strategy.layer_specs
+        self.kkt_sum = {s.name: np.zeros((s.d_in, s.d_in)) for s in specs}
+        if self.use_sums:
+            self.rkt_sum = {s.name: np.zeros((s.d_out, s.d_in)) for s in specs}
+        else:
+            # S = (sum_i Delta_i) A0 + sum_i Delta_i K_iK_i^T, as fedke.merge.collab_sums computes it
+            self.delta_sum = {s.name: np.zeros((s.d_out, s.d_in)) for s in specs}
+            self.products = {s.name: np.zeros((s.d_out, s.d_in)) for s in specs}
+
+    def add(self, payload: EditPayload, weight: float) -> None:
+        for name, layer in payload.layers.items():
+            if self.use_sums:
+                rkt = layer.rkt
+                if rkt is None:
+                    rkt = rkt_from_delta(layer.delta, layer.kkt, self.client_regularisers[name])
+                self.rkt_sum[name] += rkt
+            else:
+                self.delta_sum[name] += layer.delta
+                self.products[name] += layer.delta @ layer.kkt
+            self.kkt_sum[name] += layer.kkt
+
+    def result(self) -> dict[str, np.ndarray]:
+        merged = {}
+        for name, regulariser in self.round_regularisers.items():
+            if self.use_sums:
+                rkt_sum = self.rkt_sum[name]
+            else:
+                rkt_sum = self.delta_sum[name] @ self.client_regularisers[name] + self.products[name]
+            merged[name] = collab_edit_from_sums(rkt_sum, self.kkt_sum[name], regulariser)
+        return merged
+
+    def commit(self) -> None:
+        for name, kkt_sum in self.kkt_sum.items():
+            self.strategy.kkt_total[name] += kkt_sum
