@@ -9,8 +9,10 @@ import pytest
 from fedke.data.world import WorldConfig
 from fedke.worldmodel import WorldModelConfig
 
-TINY_WORLD = WorldConfig(n_subjects=120, n_relations=3, n_objects=12, n_filler=300, seed=3)
-TINY_MODEL = WorldModelConfig(n_layer=3, n_embd=64, n_head=4, max_epochs=120, seed=0)
+# The same world and model as the simulation preset "tiny" (fedke/simulations/presets/tiny.toml),
+# so simulation tests reuse the model the other tests trained.
+TINY_WORLD = WorldConfig(n_subjects=120, n_relations=3, seed=0)
+TINY_MODEL = WorldModelConfig(n_layer=3, n_embd=64, n_head=2)
 
 
 @pytest.fixture(scope="session")

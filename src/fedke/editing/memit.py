@@ -250,7 +250,7 @@ class MemitEditor:
                 target_ids.append(target)
                 prompt_ids = prompt_ids + target[:-1]
             rows.append(prompt_ids)
-        width = max(len(r) for r in rows)
+        width = _bucket(max(len(r) for r in rows))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -314,8 +314,11 @@ class MemitEditor:
 
         handle = last_block.register_forward_hook(add_delta)
         optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
+        requires_grad = [p.requires_grad for p in self.model.parameters()]
         for p in self.model.parameters():
             p.requires_grad_(False)
+        first = _first_rows(rewrite.owner, len(requests))
+        done = torch.zeros(len(requests), dtype=torch.bool, device=self.device)
         kl_init = None
         try:
             for step in range(cfg.v_num_grad_steps):
@@ -330,26 +333,31 @@ class MemitEditor:
                 kl_lp = log_probs[rows[n_rewrite:], lookups[n_rewrite:]]
                 if kl_init is None:
                     kl_init = kl_lp.detach().clone()
-                kl_loss = torch.nn.functional.kl_div(kl_lp, kl_init, log_target=True, reduction="batchmean")
-                h_norm = state["h_init"][_first_rows(rewrite.owner, len(requests))].norm(dim=1)
-                weight_decay = cfg.v_weight_decay * (delta.norm(dim=1) / h_norm ** 2)
-                loss = request_nll.mean() + cfg.kl_factor * kl_loss + weight_decay.mean()
-                if request_nll.detach().max().item() < cfg.loss_stop:
+                # KL(p_init || p) per request, at the fact token of "{subject} is a"
+                request_kl = (kl_init.exp() * (kl_init - kl_lp)).sum(-1).to(torch.float64)
+                h_norm = state["h_init"][first].norm(dim=1).to(torch.float64)
+                weight_decay = cfg.v_weight_decay * (delta.norm(dim=1).to(torch.float64) / h_norm ** 2)
+                # A sum of per-request losses: each z_j is optimised exactly as if edited alone.
+                request_loss = request_nll + cfg.kl_factor * request_kl + weight_decay
+                done |= request_nll.detach() < cfg.loss_stop
+                if progress:
+                    log.info("target step %d: nll %.3f (max %.3f), %d/%d done", step, float(request_nll.mean()),
+                             float(request_nll.max()), int(done.sum()), len(requests))
+                if bool(done.all()) or step == cfg.v_num_grad_steps - 1:
                     break
-                if step == cfg.v_num_grad_steps - 1:
-                    break
-                loss.backward()
+                request_loss[~done].sum().backward()
+                frozen = delta.detach()[done].clone()
                 optimizer.step()
-                with torch.no_grad():  # clamp ||delta_j|| <= clamp_norm_factor * ||h_j||
-                    max_norm = cfg.clamp_norm_factor * h_norm
+                with torch.no_grad():
+                    delta[done] = frozen  # converged requests keep their target
+                    max_norm = cfg.clamp_norm_factor * h_norm.to(delta.dtype)  # ||delta_j|| <= c ||h_j||
                     norms = delta.norm(dim=1)
                     scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-                    delta.mul_(scale.unsqueeze(1).to(delta.dtype))
-                if progress:
-                    log.info("target step %d: nll %.3f (max %.3f) kl %.4f", step, float(request_nll.mean()),
-                             float(request_nll.max()), float(kl_loss))
+                    delta.mul_(scale.unsqueeze(1))
         finally:
             handle.remove()
+            for p, flag in zip(self.model.parameters(), requires_grad):
+                p.requires_grad_(flag)
         h_init = state["h_init"][_first_rows(rewrite.owner, len(requests))].to(torch.float64)
         return (h_init + delta.detach().to(torch.float64)), h_init
 
@@ -408,6 +416,15 @@ def _solve_layer(residuals: torch.Tensor, keys: torch.Tensor, regulariser: torch
     else:
         delta = torch.linalg.solve(gram, rkt.T).T
     return LayerPayload(delta=delta.cpu().numpy(), kkt=kkt.cpu().numpy(), rkt=rkt.cpu().numpy())
+
+
+PAD_MULTIPLE = 32
+
+
+def _bucket(length: int) -> int:
+    """Pad widths to a multiple of 32 tokens: a request's forward pass then does not depend on
+    the length of its batch mates' prompts (so batched edits equal edits made alone)."""
+    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def _first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
