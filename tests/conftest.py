@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,10 @@ TINY_MODEL = WorldModelConfig(n_layer=3, n_embd=64, n_head=2)
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fedke-cache")
+    """A fresh cache per session; set FEDKE_TEST_CACHE to reuse one across sessions while developing."""
+    reuse = os.environ.get("FEDKE_TEST_CACHE")
+    path = Path(reuse) if reuse else tmp_path_factory.mktemp("fedke-cache")
+    path.mkdir(parents=True, exist_ok=True)
     previous = os.environ.get("FEDKE_CACHE")
     os.environ["FEDKE_CACHE"] = str(path)
     yield path

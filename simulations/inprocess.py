@@ -1,0 +1,181 @@
+"""The same clients and strategies as ``flwr run .``, in a plain in-process loop.
+
+No Ray, no SuperLink: each round the loop asks every client to ``fit`` on the strategy's
+current update, wraps the replies as Flower ``FitRes`` and calls the strategy's own
+``aggregate_fit`` and ``evaluate``. It is the reference the Flower simulation is measured
+against (``bench/simulation.py``), the engine of notebook sweeps, and what tests use to check a
+scenario's real result quickly.
+
+Because a single round's client payloads do not depend on the strategy, :func:`compare_methods`
+edits once and merges the same payloads with every method (Table 1 of the CollabEdit paper).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+
+from fedke.editing.weights import applied_update
+from fedke.eval import evaluate_cases
+
+from .client_app import make_client
+from .results import ResultsWriter
+from .runtime import dealt_cases_for, testbed_for
+from .scenario import Scenario
+from .server_app import build_strategy
+
+log = logging.getLogger(__name__)
+
+
+class LocalProxy(ClientProxy):
+    """A stand-in ClientProxy naming an in-process client (only ``cid`` is used)."""
+
+    def get_properties(self, ins, timeout, group_id):  # pragma: no cover - never called
+        raise NotImplementedError
+
+    def get_parameters(self, ins, timeout, group_id):  # pragma: no cover
+        raise NotImplementedError
+
+    def fit(self, ins, timeout, group_id):  # pragma: no cover
+        raise NotImplementedError
+
+    def evaluate(self, ins, timeout, group_id):  # pragma: no cover
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):  # pragma: no cover
+        raise NotImplementedError
+
+
+def fit_result(arrays: list[np.ndarray], num_examples: int, metrics: dict[str, Any]) -> FitRes:
+    return FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(arrays),
+                  num_examples=num_examples, metrics=metrics)
+
+
+@dataclass
+class RunOutcome:
+    """What :func:`run_in_process` returns."""
+
+    scenario: Scenario
+    writer: ResultsWriter
+    strategy: Any
+    seconds_per_round: list[float]
+
+    @property
+    def summary(self):
+        return self.writer.summary()
+
+
+def run_in_process(scenario: Scenario, *, output_dir: str | None = None, write: bool = True,
+                   evaluate: bool = True) -> RunOutcome:
+    """Run ``scenario`` round by round in this process; returns the results and the strategy."""
+    writer = ResultsWriter(output_dir or scenario.output_dir, config=scenario.to_run_config(), method=scenario.strategy)
+    strategy = build_strategy(scenario, evaluate=False, writer=writer, wait_for_clients=False)
+    clients = [make_client(scenario, cid) for cid in range(scenario.effective_clients)]
+    proxies = [LocalProxy(str(cid)) for cid in range(len(clients))]
+    seconds = []
+    for server_round in range(1, scenario.num_rounds + 1):
+        started = time.perf_counter()
+        parameters = parameters_to_ndarrays(strategy.update_parameters())
+        results = []
+        for proxy, client in zip(proxies, clients):
+            arrays, n, metrics = client.fit(parameters, {"server_round": server_round})
+            results.append((proxy, fit_result(arrays, n, metrics)))
+        strategy.aggregate_fit(server_round, results, [])
+        seconds.append(time.perf_counter() - started)
+        log.info("round %d/%d merged in %.1f s", server_round, scenario.num_rounds, seconds[-1])
+        if evaluate:
+            metrics = evaluate_update(scenario, strategy.global_update, server_round)
+            writer.record(server_round, metrics)
+    if write:
+        writer.write()
+    return RunOutcome(scenario, writer, strategy, seconds)
+
+
+def evaluate_update(scenario: Scenario, update, server_round: int, cases=None) -> dict[str, float]:
+    """Metrics of the world model with ``update`` applied, on the cases edited up to ``server_round``."""
+    bed = testbed_for(scenario)
+    if cases is None:
+        dealt = dealt_cases_for(scenario)
+        cases = [case for (_, r), cs in sorted(dealt.items()) if r <= server_round for case in cs]
+    with applied_update(bed.model, update):
+        return {k: float(v) for k, v in evaluate_cases(bed.model, bed.tokenizer, cases).summary.items()}
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_methods` returns: the metrics and each method's merged update."""
+
+    writer: ResultsWriter
+    updates: dict[str, dict[str, np.ndarray]]
+    seconds: dict[str, float]
+
+    @property
+    def summary(self):
+        return self.writer.summary()
+
+
+def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", "fedavg", "task_arithmetic", "ties"),
+                    *, include_global: bool = True, include_unedited: bool = True) -> Comparison:
+    """One round, the same edits, merged by every method; Global-Edit edits all requests at once.
+
+    ``summary`` of the result is the paper's Table 1 on the world; ``updates`` holds each
+    method's merged update (to compare CollabEdit with Global-Edit exactly).
+    """
+    if scenario.num_rounds != 1:
+        raise ValueError("compare_methods runs single-round scenarios (num-rounds = 1)")
+    writer = ResultsWriter(scenario.output_dir, config=scenario.to_run_config())
+    bed = testbed_for(scenario)
+    cases = [case for cs in dealt_cases_for(scenario).values() for case in cs]
+    if include_unedited:
+        writer.record(1, evaluate_update(scenario, {}, 1, cases), method="Unedited")
+    base = replace(scenario, strategy="collabedit")
+    clients = [make_client(base, cid) for cid in range(base.num_clients)]
+    started = time.perf_counter()
+    replies = [(LocalProxy(str(i)), fit_result(*client.fit([], {"server_round": 1})))
+               for i, client in enumerate(clients)]
+    seconds = {"client_edits": time.perf_counter() - started}
+    log.info("%d clients edited in %.1f s", len(clients), seconds["client_edits"])
+    updates: dict[str, dict[str, np.ndarray]] = {}
+    for method in methods:
+        strategy = build_strategy(replace(scenario, strategy=method), evaluate=False, wait_for_clients=False)
+        started = time.perf_counter()
+        strategy.aggregate_fit(1, replies, [])
+        seconds[_label(method)] = time.perf_counter() - started
+        updates[_label(method)] = {k: v.copy() for k, v in strategy.global_update.items()}
+        writer.record(1, evaluate_update(scenario, strategy.global_update, 1, cases), method=_label(method))
+    if include_global:
+        editor = bed.editor(**scenario.memit_overrides())
+        started = time.perf_counter()
+        payload = editor.edit([case.request for case in cases])
+        seconds["GlobalEdit"] = time.perf_counter() - started
+        updates["GlobalEdit"] = payload.deltas()
+        writer.record(1, evaluate_update(scenario, payload.deltas(), 1, cases), method="GlobalEdit")
+    return Comparison(writer, updates, seconds)
+
+
+def _label(method: str) -> str:
+    return {"collabedit": "CollabEdit", "fedavg": "FedAvg", "task_arithmetic": "TaskArithmetic",
+            "ties": "TIES", "global": "GlobalEdit"}.get(method, method)
+
+
+def sweep_clients(base: Scenario, client_counts: Iterable[int], *, total_edits: int | None = None,
+                  methods: Sequence[str] = ("collabedit", "fedavg", "task_arithmetic", "ties")):
+    """Score against N (CollabEdit Figure 6): fixed ``total_edits`` split over N clients when
+    given, else fixed ``edits_per_client``. Returns a tidy DataFrame (n_clients, method, metric, value)."""
+    import pandas as pd
+
+    frames = []
+    for n in client_counts:
+        per_client = base.edits_per_client if total_edits is None else max(1, total_edits // n)
+        scenario = replace(base, num_clients=n, edits_per_client=per_client)
+        table = compare_methods(scenario, methods, include_global=False, include_unedited=False).writer.table()
+        table["n_clients"] = n
+        table["edits_per_client"] = per_client
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True)

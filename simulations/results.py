@@ -1,0 +1,77 @@
+"""Result writers: tidy long tables (CSV and Parquet) plus JSON, rewritten after every round.
+
+One row per (round, method, request set, metric): ``round, method, request_set, metric, value``.
+``summary()`` pivots the last round into the wide table people read (ES, PS, NS, Score, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from fedke.cache import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+METRIC_ORDER = ["ES", "PS", "NS", "Score", "EA", "PA", "NA", "AccScore"]
+
+
+class ResultsWriter:
+    """Collects metrics rows and writes ``results.csv``, ``results.parquet`` and ``results.json``.
+
+    Memory grows with rows (a few per round), never with payloads or models.
+    """
+
+    def __init__(self, output_dir: str | Path, *, config: Mapping[str, Any] | None = None, method: str = "") -> None:
+        self.output_dir = Path(output_dir)
+        self.config = dict(config or {})
+        self.method = method
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def record(self, server_round: int, metrics: Mapping[str, Any], *, request_set: str = "all",
+               method: str | None = None) -> None:
+        for metric, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.rows.append({"round": int(server_round), "method": method or self.method,
+                                  "request_set": request_set, "metric": metric, "value": float(value)})
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["round", "method", "request_set", "metric", "value"])
+
+    def summary(self, request_set: str = "all") -> pd.DataFrame:
+        """Wide table of the last round's metrics per method."""
+        frame = self.table()
+        frame = frame[frame.request_set == request_set]
+        if frame.empty:
+            return frame
+        last = frame[frame["round"] == frame.groupby("method")["round"].transform("max")]
+        wide = last.pivot_table(index="method", columns="metric", values="value", aggfunc="last")
+        ordered = [m for m in METRIC_ORDER if m in wide.columns] + [m for m in wide.columns if m not in METRIC_ORDER]
+        return wide[ordered]
+
+    def write(self) -> Path:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        frame = self.table()
+        atomic_write_bytes(self.output_dir / "results.csv", frame.to_csv(index=False).encode())
+        try:
+            atomic_write_bytes(self.output_dir / "results.parquet", frame.to_parquet(index=False))
+        except (ImportError, ValueError) as err:  # pyarrow missing: CSV and JSON still hold everything
+            log.warning("results.parquet not written: %s", err)
+        summary = self.summary()
+        atomic_write_json(self.output_dir / "results.json", {
+            "config": self.config, "rows": self.rows, "seconds": time.perf_counter() - self.started,
+            "summary": {method: {k: float(v) for k, v in row.items()} for method, row in summary.iterrows()},
+        })
+        return self.output_dir
+
+    def print_summary(self, title: str = "fedke results") -> str:
+        summary = self.summary()
+        text = f"{title}\n{summary.round(2).to_string() if not summary.empty else '(no metrics)'}\n" \
+               f"written to {self.output_dir.resolve()}"
+        print(text, flush=True)
+        return text

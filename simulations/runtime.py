@@ -1,0 +1,39 @@
+"""What a simulation process loads once and reuses across rounds and clients.
+
+Flower's simulation engine runs many ``client_fn`` calls in one worker process (a Ray actor);
+loading the world model for each would dominate the run. The caches here hold the *read-only*
+testbed (model, tokenizer, covariance statistics) per process. Clients never change the cached
+model for longer than one call: they apply the global update, edit or evaluate, and restore
+the weights bit for bit (:func:`fedke.editing.applied_update`), so no client sees another's
+state. Editors, strategies and clients themselves hold no module-level state.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from fedke.data.records import EditCase
+from fedke.data.world import WorldConfig
+from fedke.testbed import Testbed, load_testbed
+from fedke.worldmodel import WorldModelConfig
+
+from .scenario import Scenario, deal_cases
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_testbed(world_config: WorldConfig, model_config: WorldModelConfig, cache_dir: str | None,
+                    progress: bool) -> Testbed:
+    return load_testbed(world_config, model_config, cache_dir=Path(cache_dir) if cache_dir else None,
+                        progress=progress)
+
+
+def testbed_for(scenario: Scenario, *, progress: bool = False) -> Testbed:
+    """The scenario's world model and statistics, loaded once per process."""
+    return _cached_testbed(scenario.world_config(), scenario.model_config(), scenario.cache_dir or None, progress)
+
+
+@functools.lru_cache(maxsize=8)
+def dealt_cases_for(scenario: Scenario) -> dict[tuple[int, int], list[EditCase]]:
+    """(client, round) -> edit cases, computed once per process and scenario."""
+    return deal_cases(scenario, testbed_for(scenario).world)

@@ -1,0 +1,187 @@
+"""Scenario configs: what a simulation runs, read from Flower's run config (``[tool.flwr.app.config]``).
+
+Every key of the run config has a field here (hyphens become underscores)::
+
+    strategy = "collabedit"      # collabedit | fedavg | task_arithmetic | ties | global
+    num-clients = 10             # N (Global-Edit: one client holds all N x E requests)
+    edits-per-client = 50        # E, per client and round
+    num-rounds = 1
+    world-subjects = 1000        # the embedded world: size and seed
+    world-relations = 5
+    world-seed = 0
+    model-layers = 4             # the world model (its cache key)
+    model-width = 128
+    editor-mode = "decoupled"    # decoupled | sequential
+    fact-token = "last"          # last | subject_last
+    lam = 300.0                  # MEMIT's mom2_update_weight
+    ta-lambda = 1.0              # Task Arithmetic scale
+    ties-k = 0.2                 # TIES density (top-k fraction kept)
+    ties-lambda = 1.0            # TIES scale
+    partitioning = "iid"         # iid | relation (non-IID: each client edits one relation)
+    seed = 0                     # which requests are edited, and how they are dealt out
+    output-dir = "fedke-results"
+    cache-dir = ""               # "" = $FEDKE_CACHE or ~/.cache/fedke
+    wire-dtype = "float32"       # payloads and updates on the wire: float16 | float32 | float64
+
+Presets in ``fedke/simulations/presets/*.toml`` hold such keys; use them with
+``fedke run -c simulations/presets/<name>.toml .`` or ``flwr run . --run-config simulations/presets/<name>.toml`` (or with a path of your own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedke.data.records import EditCase
+from fedke.data.world import World, WorldConfig
+from fedke.worldmodel import WorldModelConfig
+
+STRATEGY_NAMES = ("collabedit", "fedavg", "task_arithmetic", "ties", "global")
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    strategy: str = "collabedit"
+    num_clients: int = 10
+    edits_per_client: int = 50
+    num_rounds: int = 1
+    world_subjects: int = 1000
+    world_relations: int = 5
+    world_seed: int = 0
+    model_layers: int = 4
+    model_width: int = 128
+    editor_mode: str = "decoupled"
+    fact_token: str = "last"
+    lam: float = 300.0
+    ta_lambda: float = 1.0
+    ties_k: float = 0.2
+    ties_lambda: float = 1.0
+    partitioning: str = "iid"
+    seed: int = 0
+    output_dir: str = "fedke-results"
+    cache_dir: str = ""
+    wire_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGY_NAMES:
+            raise ValueError(f"strategy must be one of {STRATEGY_NAMES}, got {self.strategy!r}")
+        if self.wire_dtype not in ("float16", "float32", "float64"):
+            raise ValueError(f"wire-dtype must be float16, float32 or float64, got {self.wire_dtype!r}")
+        if self.partitioning not in ("iid", "relation"):
+            raise ValueError(f"partitioning must be 'iid' or 'relation', got {self.partitioning!r}")
+        for name in ("num_clients", "edits_per_client", "num_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        capacity = self.world_subjects * self.world_relations
+        if self.total_edits > capacity:
+            raise ValueError(f"the scenario edits {self.total_edits} facts but the world has only {capacity} "
+                             "(subject, relation) pairs: raise world-subjects or lower the edits")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "Scenario":
+        """Build from Flower's run config; unknown keys are an error naming them."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown run-config key {key!r}; known keys: "
+                                 f"{', '.join(k.replace('_', '-') for k in known)}")
+            kind = type(known[name].default)
+            values[name] = kind(value) if kind is not bool else bool(value)
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "Scenario":
+        """A preset of ``fedke/simulations/presets`` (by name or path) with ``overrides``."""
+        import tomllib
+
+        path = Path(name)
+        if not path.exists():
+            path = PRESET_DIR / f"{name}.toml"
+        if not path.exists():
+            available = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+            raise ValueError(f"no preset {name!r}; available: {available}")
+        config = tomllib.loads(path.read_text())
+        config.update({k.replace("_", "-"): v for k, v in overrides.items()})
+        return cls.from_run_config(config)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def is_global(self) -> bool:
+        return self.strategy == "global"
+
+    @property
+    def effective_clients(self) -> int:
+        """Clients that edit: Global-Edit is one client holding every request."""
+        return 1 if self.is_global else self.num_clients
+
+    @property
+    def effective_edits_per_client(self) -> int:
+        return self.num_clients * self.edits_per_client if self.is_global else self.edits_per_client
+
+    @property
+    def total_edits(self) -> int:
+        return self.num_clients * self.edits_per_client * self.num_rounds
+
+    def world_config(self) -> WorldConfig:
+        return WorldConfig(n_subjects=self.world_subjects, n_relations=self.world_relations, seed=self.world_seed)
+
+    def model_config(self) -> WorldModelConfig:
+        return WorldModelConfig(n_layer=self.model_layers, n_embd=self.model_width,
+                                n_head=max(1, self.model_width // 32))
+
+    def memit_overrides(self) -> dict[str, Any]:
+        return {"mode": self.editor_mode, "fact_token": self.fact_token, "lam": self.lam}
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of the named strategy beyond the common ones."""
+        return {
+            "collabedit": {},
+            "global": {},
+            "fedavg": {"weighted": True},
+            "task_arithmetic": {"scale": self.ta_lambda},
+            "ties": {"density": self.ties_k, "scale": self.ties_lambda},
+        }[self.strategy]
+
+    @property
+    def strategy_class_name(self) -> str:
+        return "collabedit" if self.is_global else self.strategy
+
+
+# ---------------------------------------------------------------------- partitioning
+def deal_cases(scenario: Scenario, world: World) -> dict[tuple[int, int], list[EditCase]]:
+    """(client, round) -> that client's edit cases for that round; no (subject, relation) twice.
+
+    The same scenario deals the same cases to the same clients, in every process. ``"iid"``
+    deals a shuffled stream; ``"relation"`` sorts each round's pool by relation first, so each
+    client's requests come from one or two relations (non-IID). Global-Edit gets the same
+    requests as the federated strategies, all in client 0.
+    """
+    per_round = scenario.num_clients * scenario.edits_per_client
+    cases = world.edit_cases(scenario.total_edits, seed=scenario.seed)
+    rng = random.Random(f"deal/{scenario.seed}")
+    dealt: dict[tuple[int, int], list[EditCase]] = {}
+    for round_index in range(scenario.num_rounds):
+        pool = cases[round_index * per_round:(round_index + 1) * per_round]
+        if scenario.partitioning == "relation":
+            pool = sorted(pool, key=lambda c: (c.relation_id, rng.random()))
+        server_round = round_index + 1
+        if scenario.is_global:
+            dealt[0, server_round] = list(pool)
+            continue
+        for client in range(scenario.num_clients):
+            dealt[client, server_round] = pool[client * scenario.edits_per_client:(client + 1) * scenario.edits_per_client]
+    return dealt

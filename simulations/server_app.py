@@ -1,0 +1,78 @@
+"""``flwr run .``'s ServerApp: a fedke strategy over the scenario in the run config.
+
+The server loads the world model (training and caching it on first use, before any client
+needs it) and its covariance statistics: CollabEdit merges with ``lam * C``. After every round
+it evaluates the global model on every request edited so far (an ORACLE only a simulation can
+have) and rewrites the results table in ``output-dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.common import Context
+from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+
+from fedke.codec import LayerSpec
+from fedke.editing.weights import applied_update
+from fedke.eval import evaluate_cases
+from fedke.strategies import make_strategy
+
+from .results import ResultsWriter
+from .runtime import dealt_cases_for, testbed_for
+from .scenario import Scenario
+
+log = logging.getLogger(__name__)
+
+
+def build_strategy(scenario: Scenario, *, evaluate: bool = True, writer: ResultsWriter | None = None,
+                   wait_for_clients: bool = True):
+    """The strategy a scenario names, wired to the world model's layers and statistics."""
+    bed = testbed_for(scenario, progress=True)
+    editor = bed.editor(**scenario.memit_overrides())
+    specs = [LayerSpec(name, *shape) for name, shape in editor.layer_shapes().items()]
+    n = scenario.effective_clients if wait_for_clients else 0
+    kwargs = dict(layer_specs=specs, min_fit_clients=n, min_evaluate_clients=n, min_available_clients=n,
+                  fraction_evaluate=0.0, wire_dtype=scenario.wire_dtype, **scenario.strategy_kwargs())
+    if scenario.strategy_class_name == "collabedit":
+        kwargs["regularisers"] = editor.regularisers()
+    if evaluate:
+        kwargs["evaluate_fn"] = oracle_evaluate_fn(scenario, writer)
+    if writer is not None:
+        kwargs["on_round_end"] = lambda server_round, metrics: writer.record(server_round, metrics,
+                                                                              request_set="merge")
+    return make_strategy(scenario.strategy_class_name, **kwargs)
+
+
+def oracle_evaluate_fn(scenario: Scenario, writer: ResultsWriter | None):
+    """ORACLE: evaluate the global model on every request edited so far (all clients' requests)."""
+
+    def evaluate(server_round: int, update):
+        if server_round == 0:
+            return None
+        bed = testbed_for(scenario)
+        dealt = dealt_cases_for(scenario)
+        cases = [case for (_, r), cs in sorted(dealt.items()) if r <= server_round for case in cs]
+        with applied_update(bed.model, update):
+            summary = evaluate_cases(bed.model, bed.tokenizer, cases).summary
+        metrics = {k: float(v) for k, v in summary.items()}
+        log.info("round %d: %s", server_round, " ".join(f"{k}={v:.1f}" for k, v in metrics.items()))
+        if writer is not None:
+            writer.record(server_round, metrics)
+            writer.write()
+            if server_round == scenario.num_rounds:
+                writer.print_summary(f"fedke {scenario.strategy}: {scenario.effective_clients} client(s) x "
+                                     f"{scenario.effective_edits_per_client} edits, {scenario.num_rounds} round(s)")
+        return 1.0 - metrics.get("Score", 0.0) / 100.0, metrics
+
+    return evaluate
+
+
+def server_fn(context: Context) -> ServerAppComponents:
+    scenario = Scenario.from_run_config(context.run_config)
+    writer = ResultsWriter(scenario.output_dir, config=scenario.to_run_config(), method=scenario.strategy)
+    strategy = build_strategy(scenario, writer=writer)
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=scenario.num_rounds))
+
+
+app = ServerApp(server_fn=server_fn)

@@ -1,0 +1,101 @@
+"""``fedke`` command line: build the embedded world model, compare methods, run simulations.
+
+    fedke world [--subjects 1000 --relations 5 --layers 4 --width 128]   # build / show the world model
+    fedke compare [--preset default] [-c key=value ...]                  # Table 1 in-process
+    fedke run [-c key=value | -c preset.toml ...] [APP_DIR]              # flwr run, checked and cleaned up
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _world(args: argparse.Namespace) -> int:
+    from fedke.data.world import WorldConfig
+    from fedke.worldmodel import WorldModelConfig, load_world_model
+
+    world_config = WorldConfig(n_subjects=args.subjects, n_relations=args.relations, seed=args.seed)
+    model_config = WorldModelConfig(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 32))
+    world_model = load_world_model(world_config, model_config, progress=True)
+    report = {k: v for k, v in world_model.report.items() if k != "history"}
+    print(json.dumps({"path": str(world_model.path), **report}, indent=2))
+    return 0
+
+
+def _overrides(pairs: list[str]) -> dict[str, object]:
+    import tomllib
+
+    values: dict[str, object] = {}
+    for pair in pairs:
+        for item in pair.split():
+            key, _, raw = item.partition("=")
+            try:
+                values[key] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                values[key] = raw
+    return values
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedke.simulations.inprocess import compare_methods
+    from fedke.simulations.scenario import Scenario
+
+    scenario = Scenario.from_preset(args.preset, **{k.replace("-", "_"): v for k, v in _overrides(args.config).items()})
+    comparison = compare_methods(scenario)
+    comparison.writer.write()
+    comparison.writer.print_summary(f"fedke compare: {scenario.num_clients} clients x {scenario.edits_per_client} edits")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import tomllib
+    from pathlib import Path
+
+    from fedke.simulations.launch import _parse_cli_config
+    from fedke.simulations.launch import main as launch_main
+
+    num_supernodes = args.num_supernodes
+    if num_supernodes is None:  # one SuperNode per client of the scenario
+        pyproject = tomllib.loads((Path(args.app_dir) / "pyproject.toml").read_text())
+        config = dict(pyproject["tool"]["flwr"]["app"].get("config", {}))
+        config.update(_parse_cli_config(args.config))
+        num_supernodes = int(config.get("num-clients", 2))
+    argv = [args.app_dir, "--num-supernodes", str(num_supernodes)]
+    for pair in args.config:
+        argv += ["-c", pair]
+    return launch_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedke", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    world = sub.add_parser("world", help="build (or load) the embedded world model and print its report")
+    world.add_argument("--subjects", type=int, default=1000)
+    world.add_argument("--relations", type=int, default=5)
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--layers", type=int, default=4)
+    world.add_argument("--width", type=int, default=128)
+    world.set_defaults(func=_world)
+
+    compare = sub.add_parser("compare", help="edit once, merge with every method, print Table 1 (no Flower runtime)")
+    compare.add_argument("--preset", default="default")
+    compare.add_argument("-c", "--config", action="append", default=[], help="run-config overrides key=value")
+    compare.set_defaults(func=_compare)
+
+    run = sub.add_parser("run", help="flwr run the app, check its real status, stop the local SuperLink")
+    run.add_argument("app_dir", nargs="?", default=".")
+    run.add_argument("--num-supernodes", type=int, default=None, help="default: the scenario's num-clients")
+    run.add_argument("-c", "--config", action="append", default=[], help="run-config overrides key=value")
+    run.set_defaults(func=_run)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
