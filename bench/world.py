@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table, write_json  # noqa: E402
 
 from fedke.data.world import WorldConfig  # noqa: E402
-from fedke.worldmodel import WorldModelConfig, load_world_model  # noqa: E402
+from fedke.worldmodel import WorldModelConfig, cache_key, load_world_model  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -27,12 +27,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a tiny world (120 subjects, 3 relations, 3x64 model)")
     parser.add_argument("--subjects", type=int, default=1000)
     parser.add_argument("--relations", type=int, default=5)
+    parser.add_argument("--cache-dir", help="build into this cache (it must not hold the model yet) instead of a "
+                        "temporary one, e.g. to keep the model for the other benchmarks")
     args = parser.parse_args(argv)
     if args.quick:
         world_config, model_config = WorldConfig(n_subjects=120, n_relations=3), WorldModelConfig(n_layer=3, n_embd=64, n_head=2)
     else:
         world_config, model_config = WorldConfig(n_subjects=args.subjects, n_relations=args.relations), WorldModelConfig()
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as scratch:
+        cache = args.cache_dir or scratch
+        if (Path(cache) / "world-models" / cache_key(world_config, model_config)).exists():
+            parser.error(f"{cache} already holds this world model: the build would not be measured")
         started = time.perf_counter()
         world_model = load_world_model(world_config, model_config, cache_dir=cache, progress=True)
         build_seconds = time.perf_counter() - started

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -114,6 +114,7 @@ class Comparison:
     writer: ResultsWriter
     updates: dict[str, dict[str, np.ndarray]]
     seconds: dict[str, float]
+    replies: list = field(default_factory=list)  # the clients' (proxy, FitRes), to merge again
 
     @property
     def summary(self):
@@ -156,7 +157,7 @@ def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", 
         seconds["GlobalEdit"] = time.perf_counter() - started
         updates["GlobalEdit"] = payload.deltas()
         writer.record(1, evaluate_update(scenario, payload.deltas(), 1, cases), method="GlobalEdit")
-    return Comparison(writer, updates, seconds)
+    return Comparison(writer, updates, seconds, replies)
 
 
 def _label(method: str) -> str:

@@ -33,7 +33,7 @@ def build_strategy(scenario: Scenario, *, evaluate: bool = True, writer: Results
     specs = [LayerSpec(name, *shape) for name, shape in editor.layer_shapes().items()]
     n = scenario.effective_clients if wait_for_clients else 0
     kwargs = dict(layer_specs=specs, min_fit_clients=n, min_evaluate_clients=n, min_available_clients=n,
-                  fraction_evaluate=0.0, wire_dtype=scenario.wire_dtype, **scenario.strategy_kwargs())
+                  fraction_evaluate=1.0 if wait_for_clients else 0.0, wire_dtype=scenario.wire_dtype, **scenario.strategy_kwargs())
     if scenario.strategy_class_name == "collabedit":
         kwargs["regularisers"] = editor.regularisers()
     if evaluate:
@@ -41,7 +41,14 @@ def build_strategy(scenario: Scenario, *, evaluate: bool = True, writer: Results
     if writer is not None:
         kwargs["on_round_end"] = lambda server_round, metrics: writer.record(server_round, metrics,
                                                                               request_set="merge")
+        # the clients' own evaluation of their requests, combined weighted by their counts
+        kwargs["on_evaluate_end"] = lambda server_round, metrics: _record_and_write(writer, server_round, metrics)
     return make_strategy(scenario.strategy_class_name, **kwargs)
+
+
+def _record_and_write(writer: ResultsWriter, server_round: int, metrics) -> None:
+    writer.record(server_round, metrics, request_set="federated")
+    writer.write()
 
 
 def oracle_evaluate_fn(scenario: Scenario, writer: ResultsWriter | None):

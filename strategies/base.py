@@ -336,6 +336,8 @@ class EditMergeStrategy(Strategy, ABC):
         ``aggregate_evaluate``).
     on_round_end : Callable[[int, dict[str, Scalar]], None] | None (default: None)
         Called after every ``aggregate_fit`` with the round's metrics (for logging results).
+    on_evaluate_end : Callable[[int, dict[str, Scalar]], None] | None (default: None)
+        Called after every ``aggregate_evaluate`` with the clients' combined metrics.
     initial_update : Mapping[str, np.ndarray] | None (default: None)
         Cumulative update to start from, one ``(d_out, d_in)`` array per layer; zeros if None.
     psd_tol : float | None (default: 1e-6)
@@ -363,6 +365,7 @@ class EditMergeStrategy(Strategy, ABC):
         on_evaluate_config_fn: ConfigFn | None = None,
         evaluate_fn: EvaluateFn | None = None,
         on_round_end: RoundEndFn | None = None,
+        on_evaluate_end: RoundEndFn | None = None,
         initial_update: Mapping[str, np.ndarray] | None = None,
         psd_tol: float | None = 1e-6,
     ) -> None:
@@ -403,6 +406,7 @@ class EditMergeStrategy(Strategy, ABC):
         self.on_evaluate_config_fn = on_evaluate_config_fn
         self.evaluate_fn = evaluate_fn
         self.on_round_end = on_round_end
+        self.on_evaluate_end = on_evaluate_end
 
         if initial_update is None:
             self.global_update: dict[str, np.ndarray] = {
@@ -702,6 +706,8 @@ class EditMergeStrategy(Strategy, ABC):
                 "num_examples": int(sum(res.num_examples for res in replies)),
             }
         )
+        if self.on_evaluate_end is not None:
+            self.on_evaluate_end(server_round, dict(metrics))
         return loss, metrics
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:

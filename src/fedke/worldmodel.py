@@ -236,6 +236,8 @@ def train_world_model(world: World, config: WorldModelConfig, *, progress: bool 
         accuracy = object_accuracy(model, tokenizer, probe)
         history.append({"epoch": epoch, "loss": running / steps_per_epoch, "probe_train_acc": accuracy})
         bar.set_postfix(loss=f"{running / steps_per_epoch:.3f}", acc=f"{accuracy:.3f}")
+        log.info("epoch %d: loss %.3f, probe accuracy %.3f (%.0f s)", epoch, running / steps_per_epoch, accuracy,
+                 time.perf_counter() - started)
         if accuracy >= config.stop_train_accuracy:
             break
     bar.close()

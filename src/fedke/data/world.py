@@ -121,6 +121,8 @@ class WorldConfig:
     heldout_templates: templates held out per (subject, relation) pair for the held-out test.
     n_paraphrases / n_neighbors: evaluation prompts per edit case.
     n_filler: sentences of generic filler text (covariance statistics, context prefixes).
+    names_per_token: how many multi-token subjects share each first or last name on average
+        (as in real names, a name token narrows the subject down without identifying it).
     """
 
     n_subjects: int = 1000
@@ -132,6 +134,7 @@ class WorldConfig:
     n_paraphrases: int = 2
     n_neighbors: int = 5
     n_filler: int = 4000
+    names_per_token: float = 3.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_relations <= len(_RELATION_SPECS):
@@ -336,7 +339,7 @@ def _subject_names(rng: random.Random, config: WorldConfig, taken: set[str]) -> 
     weights = config.name_token_weights
     counts = [round(config.n_subjects * w / sum(weights)) for w in weights]
     counts[1] += config.n_subjects - sum(counts)
-    pool = max(8, int((counts[1] + counts[2]) ** 0.5 * 1.3) + 1)
+    pool = max(8, int((counts[1] + counts[2]) / config.names_per_token) + 1)
     firsts = _pseudo_words(rng, pool, syllables=(2, 2), taken=taken)
     lasts = _pseudo_words(rng, pool, syllables=(2, 3), taken=taken)
     mononyms = _pseudo_words(rng, counts[0], syllables=(3, 3), taken=taken)
