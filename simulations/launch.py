@@ -441,6 +441,25 @@ def _flatten(table: Mapping[str, object], prefix: str = "") -> dict[str, object]
     return flat
 
 
+def processes_with_flwr_home(home: str | os.PathLike) -> set[int]:
+    """Live (non-zombie) processes whose environment has FLWR_HOME=<home>: everything the
+    launcher started (SuperLink, SuperExec, flwr-simulation, Ray's processes) inherits it."""
+    marker = f"FLWR_HOME={Path(home)}".encode()
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2 :].split()[0] != "Z":
+            pids.add(int(entry.name))
+    return pids
+
+
 def load_run_config(path: str | os.PathLike) -> dict[str, object]:
     """A run-config TOML file (e.g. a preset) as the flat dict :func:`run_app` takes.
 

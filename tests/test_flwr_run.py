@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedke.simulations.launch import load_run_config, run_app
+from fedke.simulations.launch import load_run_config, processes_with_flwr_home, run_app
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESET = REPO / "simulations" / "presets" / "tiny.toml"
@@ -39,21 +39,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason=
 
 
 def _pids_with_flwr_home(home: Path) -> set[int]:
-    """Live (non-zombie) processes whose environment has FLWR_HOME=<home> (as in test_launch)."""
-    marker = f"FLWR_HOME={home}".encode()
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2 :].split()[0] != "Z":
-            pids.add(int(entry.name))
-    return pids
+    return processes_with_flwr_home(home)
 
 
 def _no_survivors(home: Path, cause: BaseException | None = None) -> None:

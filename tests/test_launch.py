@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -283,22 +282,7 @@ def _write_tiny_app(app_dir: Path) -> Path:
 
 
 def _pids_with_flwr_home(home: Path) -> set[int]:
-    """Live (non-zombie) processes whose environment has FLWR_HOME=<home>: everything the
-    launcher started (SuperLink, SuperExec, flwr-simulation, Ray's processes) inherits it."""
-    marker = f"FLWR_HOME={home}".encode()
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2 :].split()[0] != "Z":
-            pids.add(int(entry.name))
-    return pids
+    return launch.processes_with_flwr_home(home)
 
 
 class _ProcessWatch:
