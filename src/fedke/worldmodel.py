@@ -45,14 +45,14 @@ class WorldModelConfig:
     n_embd: int = 128
     n_head: int = 4
     n_positions: int = 64
-    max_epochs: int = 80
+    max_epochs: int = 40
     batch_size: int = 128
     lr: float = 3e-3
     warmup_steps: int = 200
     weight_decay: float = 0.01
     lm_loss_weight: float = 0.1
     prefix_probability: float = 0.25
-    stop_train_accuracy: float = 0.995
+    stop_train_accuracy: float = 0.98
     seed: int = 0
 
     def fingerprint(self) -> str:
