@@ -78,7 +78,9 @@ def test_client_fit_and_evaluate(tiny, tiny_bed):
     assert n == 0 and decode_payload(arrays).n_edits == 0
 
 
-@pytest.mark.parametrize("wire_dtype, tolerance", [("float64", 1e-9), ("float32", 1e-4)])
+# float64: round 1 is exact to ~1e-12; from round 2 on, clients add the update to float32 weights,
+# where a 1e-12 difference can flip a weight's last bit, which the target optimisation amplifies
+@pytest.mark.parametrize("wire_dtype, tolerance", [("float64", 1e-6), ("float32", 1e-4)])
 def test_in_process_collabedit_equals_global_edit_round_by_round(tiny, tiny_bed, wire_dtype, tolerance):
     from fedke.simulations.inprocess import run_in_process
     from fedke.simulations.runtime import dealt_cases_for
