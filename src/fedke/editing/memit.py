@@ -53,6 +53,10 @@ class MemitConfig:
     mode: ``"decoupled"`` (keys and residuals from the unedited model) or ``"sequential"``.
     fact_token: ``"last"`` (the prompt's last token) or ``"subject_last"`` (the subject's last token).
     lam: ``mom2_update_weight``, the weight of C in ``lam C + K K^T``.
+    cov_ridge: C is used as ``C + cov_ridge * (tr C / d_in) I``. Not in the reference: statistics
+        over little text leave directions of (nearly) dead units with eigenvalues ~1e-15, and
+        the solve then writes updates of norm ~1e6 into them (seen on the world model's layer 1).
+        1e-2 bounds that and changes little where C is well conditioned; 0 is the reference.
     v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor: target optimisation.
     loss_stop: stop optimising once every request's mean target NLL is below this.
     residual_split: ``"remaining"`` (reference: divide by the layers left) or ``"even"`` (by L).
@@ -65,6 +69,7 @@ class MemitConfig:
     mode: Mode = "decoupled"
     fact_token: FactToken = "last"
     lam: float = 300.0
+    cov_ridge: float = 1e-2
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
@@ -87,6 +92,8 @@ class MemitConfig:
             raise ValueError(f"residual_split must be 'remaining' or 'even', got {self.residual_split!r}")
         if self.lam < 0:
             raise ValueError("lam must be non-negative")
+        if self.cov_ridge < 0:
+            raise ValueError("cov_ridge must be non-negative")
         if self.context_templates is not None and not all("{}" in t for t in self.context_templates):
             raise ValueError("every context template must hold '{}' for the prompt")
 
@@ -149,7 +156,7 @@ class MemitEditor:
 
     def regularisers(self) -> dict[str, np.ndarray]:
         """``A0_l = lam * C_l``: what a CollabEdit server needs to merge this editor's payloads."""
-        return {name: self.config.lam * cov for name, cov in self.covariances.items()}
+        return {name: self.config.lam * _ridged(cov, self.config.cov_ridge) for name, cov in self.covariances.items()}
 
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: layer_shape(self.model, name) for name in self.layer_names}
@@ -404,6 +411,13 @@ class MemitEditor:
 
 
 # ---------------------------------------------------------------------- helpers
+def _ridged(cov: np.ndarray, ridge: float) -> np.ndarray:
+    """``C + ridge * (tr C / d) I``."""
+    if ridge == 0:
+        return cov
+    return cov + ridge * (np.trace(cov) / cov.shape[0]) * np.eye(cov.shape[0])
+
+
 def _solve_layer(residuals: torch.Tensor, keys: torch.Tensor, regulariser: torch.Tensor) -> LayerPayload:
     """Delta = R K^T (A0 + K K^T)^-1 by Cholesky, float64; returns the layer's payload."""
     kkt = keys @ keys.T
