@@ -25,8 +25,8 @@ from dataclasses import replace  # noqa: E402
 from flwr.common import parameters_to_ndarrays  # noqa: E402
 
 from fedke.codec import decode_payload, encode_payload  # noqa: E402
-from fedke.simulations.inprocess import compare_methods, evaluate_update, fit_result  # noqa: E402
-from fedke.simulations.runtime import dealt_cases_for  # noqa: E402
+from fedke.simulations.inprocess import compare_methods, fit_result  # noqa: E402
+from fedke.simulations.runtime import dealt_cases_for, evaluate_update  # noqa: E402
 from fedke.simulations.server_app import build_strategy  # noqa: E402
 from fedke.simulations.scenario import Scenario  # noqa: E402
 

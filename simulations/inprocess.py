@@ -21,12 +21,9 @@ import numpy as np
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
-from fedke.editing.weights import applied_update
-from fedke.eval import evaluate_cases
-
 from .client_app import make_client
 from .results import ResultsWriter
-from .runtime import dealt_cases_for, testbed_for
+from .runtime import dealt_cases_for, evaluate_update, testbed_for
 from .scenario import Scenario
 from .server_app import build_strategy
 
@@ -95,16 +92,6 @@ def run_in_process(scenario: Scenario, *, output_dir: str | None = None, write: 
     if write:
         writer.write()
     return RunOutcome(scenario, writer, strategy, seconds)
-
-
-def evaluate_update(scenario: Scenario, update, server_round: int, cases=None) -> dict[str, float]:
-    """Metrics of the world model with ``update`` applied, on the cases edited up to ``server_round``."""
-    bed = testbed_for(scenario)
-    if cases is None:
-        dealt = dealt_cases_for(scenario)
-        cases = [case for (_, r), cs in sorted(dealt.items()) if r <= server_round for case in cs]
-    with applied_update(bed.model, update):
-        return {k: float(v) for k, v in evaluate_cases(bed.model, bed.tokenizer, cases).summary.items()}
 
 
 @dataclass

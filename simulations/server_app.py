@@ -14,12 +14,10 @@ from flwr.common import Context
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from fedke.codec import LayerSpec
-from fedke.editing.weights import applied_update
-from fedke.eval import evaluate_cases
 from fedke.strategies import make_strategy
 
 from .results import ResultsWriter
-from .runtime import dealt_cases_for, testbed_for
+from .runtime import evaluate_update, testbed_for
 from .scenario import Scenario
 
 log = logging.getLogger(__name__)
@@ -57,12 +55,7 @@ def oracle_evaluate_fn(scenario: Scenario, writer: ResultsWriter | None):
     def evaluate(server_round: int, update):
         if server_round == 0:
             return None
-        bed = testbed_for(scenario)
-        dealt = dealt_cases_for(scenario)
-        cases = [case for (_, r), cs in sorted(dealt.items()) if r <= server_round for case in cs]
-        with applied_update(bed.model, update):
-            summary = evaluate_cases(bed.model, bed.tokenizer, cases).summary
-        metrics = {k: float(v) for k, v in summary.items()}
+        metrics = evaluate_update(scenario, update, server_round)
         log.info("round %d: %s", server_round, " ".join(f"{k}={v:.1f}" for k, v in metrics.items()))
         if writer is not None:
             writer.record(server_round, metrics)

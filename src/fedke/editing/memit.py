@@ -294,13 +294,12 @@ class MemitEditor:
         rows = torch.arange(input_ids.shape[0], device=self.device)
 
         # target-token gather indices for the rewrite rows
-        flat_rows, flat_pos, flat_tok, flat_owner_row = [], [], [], []
+        flat_rows, flat_pos, flat_tok = [], [], []
         for r in range(n_rewrite):
             for pos, tok in zip(rewrite.target_positions[r], rewrite.target_ids[r]):
                 flat_rows.append(r)
                 flat_pos.append(pos)
                 flat_tok.append(tok)
-                flat_owner_row.append(r)
         flat_rows_t = torch.tensor(flat_rows, device=self.device)
         flat_pos_t = torch.tensor(flat_pos, device=self.device)
         flat_tok_t = torch.tensor(flat_tok, device=self.device)
