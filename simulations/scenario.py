@@ -22,6 +22,26 @@ Every key of the run config has a field here (hyphens become underscores)::
     output-dir = "fedke-results"
     cache-dir = ""               # "" = $FEDKE_CACHE or ~/.cache/fedke
     wire-dtype = "float32"       # payloads and updates on the wire: float16 | float32 | float64
+    # multi-round editing and knowledge forgetting (CollabEdit section 3.3.2 / 4.2.3, Table 5)
+    forgetting = false           # true: round 1 edits the OLD set E_o, rounds 2..num-rounds new sets
+    old-relations = 1            # forgetting: relations reserved for E_o (new sets use the others)
+    covariance = "immutable"     # immutable (C = C0) | dynamic (eq. 7; collabedit and global only)
+    beta0 = 1.0                  # dynamic: A_t = beta0 * lam C0 + beta1 * sum of merged K K^T
+    beta1 = 1.0
+    checkpoint-dir = ""          # "" = no checkpoints; else the server state after every round
+    resume = false               # true: continue from the checkpoint in checkpoint-dir
+
+Multi-round numbering: Flower counts rounds from 1. With ``forgetting = true`` Flower round 1 is
+the paper's round 0 (the old requests E_o, ``num-clients x edits-per-client`` of them, from
+``old-relations`` of the world's relations) and Flower round ``i + 1`` edits the paper's
+``E_n_i``: fresh requests whose subject AND relation both differ from every old request's. Results
+name the sets ``old`` and ``new-<i>`` (see :mod:`fedke.simulations.multiround`).
+
+``covariance = "dynamic"`` changes only the server's solve: clients edit with ``lam C0`` and send
+``R_i K_i^T`` and ``K_i K_i^T``; the server keeps the running sum of merged ``K K^T`` and solves
+with ``A_t`` (see :class:`fedke.strategies.CollabEdit`). The baselines (fedavg, task_arithmetic,
+ties) merge deltas only and refuse it. ``checkpoint-dir`` / ``resume`` do not enter the run's
+fingerprint (:mod:`fedke.simulations.checkpoint`); every other key does.
 
 Presets in ``fedke/simulations/presets/*.toml`` hold such keys; use them with
 ``fedke run -c simulations/presets/<name>.toml .`` or ``flwr run . --run-config simulations/presets/<name>.toml`` (or with a path of your own).
@@ -66,6 +86,13 @@ class Scenario:
     output_dir: str = "fedke-results"
     cache_dir: str = ""
     wire_dtype: str = "float32"
+    forgetting: bool = False
+    old_relations: int = 1
+    covariance: str = "immutable"
+    beta0: float = 1.0
+    beta1: float = 1.0
+    checkpoint_dir: str = ""
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_NAMES:
@@ -77,10 +104,42 @@ class Scenario:
         for name in ("num_clients", "edits_per_client", "num_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        self._check_multiround()
         capacity = self.world_subjects * self.world_relations
         if self.total_edits > capacity:
             raise ValueError(f"the scenario edits {self.total_edits} facts but the world has only {capacity} "
                              "(subject, relation) pairs: raise world-subjects or lower the edits")
+
+    def _check_multiround(self) -> None:
+        """The forgetting / covariance / checkpoint keys (see the module docstring)."""
+        if self.covariance not in ("immutable", "dynamic"):
+            raise ValueError(f"covariance must be 'immutable' or 'dynamic', got {self.covariance!r}")
+        if self.covariance == "dynamic" and self.strategy_class_name != "collabedit":
+            raise ValueError(f"covariance = 'dynamic' needs strategy collabedit or global, got {self.strategy!r}: "
+                             "the baselines merge the clients' deltas, which were solved with C0")
+        if not (self.beta0 > 0 and self.beta1 >= 0):
+            raise ValueError(f"beta0 must be > 0 and beta1 >= 0, got beta0={self.beta0}, beta1={self.beta1}")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume = true needs checkpoint-dir (where the run's checkpoint is)")
+        if not self.forgetting:
+            return
+        if not 1 <= self.old_relations < self.world_relations:
+            raise ValueError(f"old-relations must be in 1..world-relations - 1 ({self.world_relations - 1}), "
+                             f"got {self.old_relations}: the new requests need relations of their own")
+        per_round = self.num_clients * self.edits_per_client
+        if per_round > self.world_subjects * self.old_relations:
+            raise ValueError(f"the old set has {per_round} requests but old-relations={self.old_relations} "
+                             f"x world-subjects={self.world_subjects} allow only {self.world_subjects * self.old_relations}")
+        new_capacity = (self.world_subjects - per_round) * (self.world_relations - self.old_relations)
+        if per_round * (self.num_rounds - 1) > new_capacity:
+            raise ValueError(f"{self.num_rounds - 1} new rounds of {per_round} requests need "
+                             f"{per_round * (self.num_rounds - 1)} (subject, relation) pairs unrelated to the old set; "
+                             f"the world guarantees only {new_capacity}: raise world-subjects or lower the edits")
+
+    @property
+    def dynamic_covariance(self) -> tuple[float, float] | None:
+        """``(beta0, beta1)`` of eq. 7 when ``covariance = "dynamic"``, else None."""
+        return (self.beta0, self.beta1) if self.covariance == "dynamic" else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -148,6 +207,8 @@ class Scenario:
 
     def strategy_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of the named strategy beyond the common ones."""
+        if self.dynamic_covariance is not None:
+            return {"dynamic_covariance": self.dynamic_covariance}
         return {
             "collabedit": {},
             "global": {},
@@ -171,7 +232,10 @@ def deal_cases(scenario: Scenario, world: World) -> dict[tuple[int, int], list[E
     requests as the federated strategies, all in client 0.
     """
     per_round = scenario.num_clients * scenario.edits_per_client
-    cases = world.edit_cases(scenario.total_edits, seed=scenario.seed)
+    if scenario.forgetting:
+        cases = forgetting_cases(scenario, world)
+    else:
+        cases = world.edit_cases(scenario.total_edits, seed=scenario.seed)
     rng = random.Random(f"deal/{scenario.seed}")
     dealt: dict[tuple[int, int], list[EditCase]] = {}
     for round_index in range(scenario.num_rounds):
@@ -185,3 +249,27 @@ def deal_cases(scenario: Scenario, world: World) -> dict[tuple[int, int], list[E
         for client in range(scenario.num_clients):
             dealt[client, server_round] = pool[client * scenario.edits_per_client:(client + 1) * scenario.edits_per_client]
     return dealt
+
+
+def forgetting_cases(scenario: Scenario, world: World) -> list[EditCase]:
+    """The cases of a forgetting scenario, in round order: the old set E_o, then E_n1, E_n2, ...
+
+    E_o (``num-clients x edits-per-client`` cases) comes from ``old-relations`` relations drawn
+    with the seed; every later case has a relation outside those AND a subject outside E_o's, so
+    old and new requests are unrelated (CollabEdit section 3.3.2). Case ids are unique.
+    """
+    rng = random.Random(f"forgetting/{scenario.seed}")
+    relation_ids = [relation.relation_id for relation in world.relations]
+    old_relations = set(rng.sample(relation_ids, scenario.old_relations))
+    pairs = [(subject, relation_id) for subject in world.subjects for relation_id in relation_ids]
+    rng.shuffle(pairs)
+    per_round = scenario.num_clients * scenario.edits_per_client
+    old = [pair for pair in pairs if pair[1] in old_relations][:per_round]
+    old_subjects = {subject for subject, _ in old}
+    fresh = [pair for pair in pairs if pair[1] not in old_relations and pair[0] not in old_subjects]
+    fresh = fresh[:per_round * (scenario.num_rounds - 1)]
+    if len(old) < per_round or len(fresh) < per_round * (scenario.num_rounds - 1):
+        raise ValueError(f"world {world.config} is too small for the forgetting scenario: "
+                         f"{len(old)} old and {len(fresh)} unrelated new (subject, relation) pairs available")
+    return [world.edit_case(subject, relation_id, rng=rng, case_id=i)
+            for i, (subject, relation_id) in enumerate(old + fresh)]

@@ -55,10 +55,18 @@ def oracle_evaluate_fn(scenario: Scenario, writer: ResultsWriter | None):
     def evaluate(server_round: int, update):
         if server_round == 0:
             return None
-        metrics = evaluate_update(scenario, update, server_round)
+        if scenario.forgetting:  # the old set every round, each new set at its round and the end
+            from .multiround import OLD_SET, evaluate_round
+
+            by_set = evaluate_round(scenario, update, server_round)
+            metrics = by_set[OLD_SET]
+        else:
+            by_set = {"all": evaluate_update(scenario, update, server_round)}
+            metrics = by_set["all"]
         log.info("round %d: %s", server_round, " ".join(f"{k}={v:.1f}" for k, v in metrics.items()))
         if writer is not None:
-            writer.record(server_round, metrics)
+            for name, values in by_set.items():
+                writer.record(server_round, values, request_set=name)
             writer.write()
             if server_round == scenario.num_rounds:
                 writer.print_summary(f"fedke {scenario.strategy}: {scenario.effective_clients} client(s) x "
@@ -72,7 +80,15 @@ def server_fn(context: Context) -> ServerAppComponents:
     scenario = Scenario.from_run_config(context.run_config)
     writer = ResultsWriter(scenario.output_dir, config=scenario.to_run_config(), method=scenario.strategy)
     strategy = build_strategy(scenario, writer=writer)
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=scenario.num_rounds))
+    num_rounds = scenario.num_rounds
+    if scenario.checkpoint_dir:  # save after every round; resume = true continues the last complete one
+        from .checkpoint import ResumableStrategy, restore, resume_point
+
+        checkpoint = resume_point(scenario)
+        done = restore(checkpoint, strategy, writer) - 1 if checkpoint is not None else 0
+        strategy = ResumableStrategy(strategy, scenario, writer, rounds_done=done)
+        num_rounds -= done
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=num_rounds))
 
 
 app = ServerApp(server_fn=server_fn)

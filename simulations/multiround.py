@@ -1,0 +1,188 @@
+"""Multi-round collaborative editing in process: knowledge forgetting, dynamic covariance, resume.
+
+A forgetting scenario (``forgetting = true``, :mod:`fedke.simulations.scenario`) follows the
+CollabEdit paper (section 3.3.2, Table 5): Flower round 1 (the paper's round 0) edits the old
+requests E_o, spread over the clients; every later round ``i + 1`` edits fresh requests E_n_i,
+unrelated to the old ones (other subjects and relations); the server merges every round.
+
+What is measured after every round, on the global model (an ORACLE that sees every client's
+requests, which only a simulation can have), as tidy long rows ``round, method, request_set,
+metric, value`` (:class:`fedke.simulations.results.ResultsWriter`):
+
+* ``old``: E_o, after EVERY round (forgetting is its decay);
+* ``new-<i>``: E_n_i, at the round that edits it and again at the final round (evaluating every
+  new set after every round would cost ``O(rounds^2)``);
+* ``new-all``: every new request together, at the final round;
+* ``merge``: the server's merge metrics of the round (timings, norms, counts).
+
+All of a round's sets are scored in one batched evaluation. A scenario without ``forgetting``
+gets the single set ``all`` (every request edited so far), as the ServerApp's oracle records it.
+
+Long runs: nothing grows with the rounds but the metrics rows (a few dozen small dicts per round)
+and the strategy's per-round metrics dicts; payloads are dropped after each merge and no model is
+ever copied (clients apply the cumulative update to the one shared model and restore it bit for
+bit). Every round logs a progress line; with ``checkpoint-dir`` the server state is saved after
+every round (:mod:`fedke.simulations.checkpoint`) and ``resume = true`` continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from flwr.common import parameters_to_ndarrays
+
+from fedke.editing.weights import applied_update
+from fedke.eval import aggregate, evaluate_cases
+
+from .checkpoint import resume_point, restore, save_checkpoint
+from .client_app import make_client
+from .inprocess import LocalProxy, _label, fit_result
+from .results import ResultsWriter
+from .runtime import dealt_cases_for, testbed_for
+from .scenario import Scenario
+from .server_app import build_strategy
+
+log = logging.getLogger(__name__)
+
+OLD_SET = "old"
+NEW_ALL = "new-all"
+
+
+def new_set_name(server_round: int) -> str:
+    """The request-set name of the cases edited in Flower round ``server_round >= 2``: ``new-<round - 1>``."""
+    return f"new-{server_round - 1}"
+
+
+def method_label(scenario: Scenario) -> str:
+    """``CollabEdit``, ``GlobalEdit``, ``FedAvg``, ... (the ``method`` column of the results)."""
+    return _label(scenario.strategy)
+
+
+def round_cases(scenario: Scenario, server_round: int) -> list:
+    """Every client's cases of Flower round ``server_round``."""
+    dealt = dealt_cases_for(scenario)
+    return [case for (_, r), cases in sorted(dealt.items()) if r == server_round for case in cases]
+
+
+def request_sets(scenario: Scenario, server_round: int) -> dict[str, list]:
+    """The request sets measured after ``server_round`` (see the module docstring), name -> cases."""
+    if not scenario.forgetting:
+        dealt = dealt_cases_for(scenario)
+        return {"all": [case for (_, r), cases in sorted(dealt.items()) if r <= server_round for case in cases]}
+    sets = {OLD_SET: round_cases(scenario, 1)}
+    final = server_round == scenario.num_rounds
+    rounds = range(2, server_round + 1) if final else ([server_round] if server_round > 1 else [])
+    for r in rounds:
+        sets[new_set_name(r)] = round_cases(scenario, r)
+    if final and scenario.num_rounds > 1:
+        sets[NEW_ALL] = [case for r in range(2, scenario.num_rounds + 1) for case in sets[new_set_name(r)]]
+    return sets
+
+
+def evaluate_round(scenario: Scenario, update: Mapping[str, np.ndarray], server_round: int) -> dict[str, dict[str, float]]:
+    """Metrics (x100) of every request set of ``server_round`` on the model with ``update`` applied.
+
+    The distinct cases of all sets are scored in one batched call; each set's metrics aggregate
+    its own cases' rows (:func:`fedke.eval.aggregate`).
+    """
+    sets = request_sets(scenario, server_round)
+    unique = {}
+    for cases in sets.values():
+        for case in cases:
+            unique.setdefault(case.case_id, case)
+    if not unique:
+        return {}
+    bed = testbed_for(scenario)
+    with applied_update(bed.model, update):
+        per_case = evaluate_cases(bed.model, bed.tokenizer, list(unique.values())).per_case
+    per_case = per_case.set_index("case_id", drop=False)
+    return {name: {k: float(v) for k, v in aggregate(per_case.loc[[c.case_id for c in cases]]).items()}
+            for name, cases in sets.items() if cases}
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MiB (Linux ``/proc/self/statm``; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * resource.getpagesize() / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class MultiRoundOutcome:
+    """What :func:`run_multiround` returns."""
+
+    scenario: Scenario
+    writer: ResultsWriter
+    strategy: Any
+    first_round: int  # 1, or the round a resumed run continued from
+    seconds_per_round: list[float] = field(default_factory=list)  # of the rounds run in this call
+
+    def table(self):
+        """The tidy long table (``round, method, request_set, metric, value``) plus ``covariance``."""
+        frame = self.writer.table()
+        frame["covariance"] = self.scenario.covariance
+        return frame
+
+
+RoundCallback = Callable[[int, dict[str, dict[str, float]], float], None]
+
+
+def run_multiround(scenario: Scenario, *, output_dir: str | None = None, write: bool = True,
+                   on_round: RoundCallback | None = None, stop_after: int | None = None) -> MultiRoundOutcome:
+    """Run ``scenario`` round by round in this process, measuring the request sets after every round.
+
+    ``on_round(server_round, metrics_by_set, seconds)`` is called after every round (benchmarks
+    read RSS there). ``stop_after`` ends the call after that round, as a crash would (the
+    checkpoint, if any, is complete; the results files are not written).
+    With ``checkpoint-dir`` the state is saved after every round; with ``resume = true`` the run
+    continues from the last complete round (see :func:`fedke.simulations.checkpoint.resume_point`
+    for what is refused).
+    """
+    writer = ResultsWriter(output_dir or scenario.output_dir, config=scenario.to_run_config(),
+                           method=method_label(scenario))
+    strategy = build_strategy(scenario, evaluate=False, writer=writer, wait_for_clients=False)
+    checkpoint = resume_point(scenario)
+    first = restore(checkpoint, strategy, writer) if checkpoint is not None else 1
+    clients = [make_client(scenario, cid) for cid in range(scenario.effective_clients)]
+    proxies = [LocalProxy(str(cid)) for cid in range(len(clients))]
+    outcome = MultiRoundOutcome(scenario, writer, strategy, first)
+    for server_round in range(first, scenario.num_rounds + 1):
+        started = time.perf_counter()
+        parameters = parameters_to_ndarrays(strategy.update_parameters())
+        results = [(proxy, fit_result(*client.fit(parameters, {"server_round": server_round})))
+                   for proxy, client in zip(proxies, clients)]
+        strategy.aggregate_fit(server_round, results, [])
+        del results, parameters
+        merged = time.perf_counter()
+        metrics = evaluate_round(scenario, strategy.global_update, server_round)
+        for name, values in metrics.items():
+            writer.record(server_round, values, request_set=name)
+        if scenario.checkpoint_dir:
+            save_checkpoint(scenario.checkpoint_dir, scenario, strategy, server_round, writer.rows)
+        seconds = time.perf_counter() - started
+        outcome.seconds_per_round.append(seconds)
+        key = OLD_SET if OLD_SET in metrics else "all"
+        shown = metrics.get(key, {})
+        log.info("round %d/%d: %.2f s (edit+merge %.2f s), %s Score %.1f AccScore %.1f, RSS %.0f MiB",
+                 server_round, scenario.num_rounds, seconds, merged - started, key,
+                 shown.get("Score", float("nan")), shown.get("AccScore", float("nan")), current_rss_mb())
+        if on_round is not None:
+            on_round(server_round, metrics, seconds)
+        if stop_after is not None and server_round >= stop_after:
+            return outcome
+    if write:
+        writer.write()
+    return outcome
