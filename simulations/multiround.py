@@ -59,8 +59,13 @@ def new_set_name(server_round: int) -> str:
 
 
 def method_label(scenario: Scenario) -> str:
-    """``CollabEdit``, ``GlobalEdit``, ``FedAvg``, ... (the ``method`` column of the results)."""
-    return _label(scenario.strategy)
+    """The ``method`` column of the results: the run config's strategy name, as the ServerApp writes it."""
+    return scenario.strategy
+
+
+def display_name(method: str) -> str:
+    """``collabedit`` -> ``CollabEdit``, ``global`` -> ``GlobalEdit``, ... (names in tables and plots)."""
+    return _label(method)
 
 
 def round_cases(scenario: Scenario, server_round: int) -> list:
