@@ -141,3 +141,64 @@ def test_client_sweep_notebook_runs_on_the_tiny_world(cache_dir, tiny_bed, tmp_p
     for name in ("score_vs_clients_fixed_total", "score_vs_clients_fixed_per_client"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_forgetting_draws_one_line_per_method_and_covariance():
+    from fedke.plots import plot_forgetting
+
+    rows = [{"round": r, "method": m, "request_set": s, "metric": metric, "value": 90.0 - drop * r,
+             "covariance": cov}
+            for r in (1, 2, 3)
+            for m, cov, drop in (("collabedit", "immutable", 5.0), ("collabedit", "dynamic", 1.0),
+                                 ("fedavg", "immutable", 9.0))
+            for s in ("old", "new-1")
+            for metric in ("ES", "PS", "Score", "EA", "AccScore")]
+    table = pd.DataFrame(rows)
+    fig = plot_forgetting(table)
+    assert len(fig.axes) == 5 and [ax.get_title() for ax in fig.axes] == ["ES", "PS", "Score", "EA", "AccScore"]
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["CollabEdit · immutable C", "CollabEdit · dynamic C",
+                                                    "FedAvg · immutable C"]
+    assert [line.get_linestyle() for line in lines] == ["-", "--", "-"]
+    assert list(lines[1].get_ydata()) == [89.0, 88.0, 87.0]
+    # without a covariance column: one line per method; on given axes
+    fig2, axes = plt.subplots(1, 2)
+    assert plot_forgetting(table.drop(columns="covariance")[table.covariance == "immutable"], metrics=["ES", "EA"],
+                           axes=axes) is fig2
+    assert [line.get_label() for line in axes[1].get_lines()] == ["CollabEdit", "FedAvg"]
+    with pytest.raises(ValueError, match="no rows for request_set 'new-9'"):
+        plot_forgetting(table, request_set="new-9")
+    with pytest.raises(ValueError, match=r"no rows with metric\(s\) \['NS'\]"):
+        plot_forgetting(table, metrics=["NS"])
+
+
+def test_forgetting_notebook_runs_on_the_tiny_world(cache_dir, tiny_bed, tmp_path):
+    out = tmp_path / "forgetting"
+    overrides = "\n".join([
+        "ROUNDS = 3",
+        "CLIENTS = 2",
+        "EDITS_PER_CLIENT = 2",
+        'METHODS = ["collabedit", "fedavg"]',
+        'DYNAMIC_METHODS = ["collabedit"]',
+        'PRESET = "tiny"',
+        f"OVERRIDES = {{'cache_dir': {str(cache_dir)!r}}}",
+        f"OUTPUT_DIR = {str(out)!r}",
+    ])
+    env = {**os.environ, "FEDKE_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    cached = _cache_entries(cache_dir)
+    nb = _run_notebook(NOTEBOOKS / "forgetting.ipynb", overrides, tmp_path, env)
+    assert _cache_entries(cache_dir) == cached
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+
+    table = pd.read_csv(out / "forgetting.csv", keep_default_na=False)
+    runs = set(zip(table.method, table.covariance))
+    assert runs == {("collabedit", "immutable"), ("collabedit", "dynamic"), ("fedavg", "immutable")}
+    old = table[(table.request_set == "old") & (table.metric == "Score")]
+    assert sorted(old.groupby(["method", "covariance"])["round"].apply(list).map(tuple).unique()) == [(1, 2, 3)]
+    assert pd.to_numeric(old.value).between(0, 100).all()
+    assert set(table[table["round"] == 3].request_set) >= {"old", "new-1", "new-2", "new-all", "merge"}
+    for run in ("collabedit-immutable", "collabedit-dynamic", "fedavg-immutable"):
+        assert (out / run / "results.csv").exists()
+    png = out / "forgetting.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -161,3 +161,70 @@ def table1_frame(summary_df: pd.DataFrame, *, decimals: int = 2, request_set: st
     columns = _ordered(frame.columns, METRIC_ORDER)
     rows = _ordered(frame.index, METHOD_ORDER)
     return frame.loc[rows, columns].astype(float).round(decimals)
+
+
+# Run-config strategy names -> the display names above (results of fedke runs use the former).
+METHOD_NAMES = {"collabedit": "CollabEdit", "global": "GlobalEdit", "fedavg": "FedAvg",
+                "task_arithmetic": "TaskArithmetic", "ties": "TIES"}
+COVARIANCE_LINESTYLE = {"immutable": "-", "dynamic": "--"}
+
+
+def plot_forgetting(table: pd.DataFrame, *, metrics: Sequence[str] = ("ES", "PS", "Score", "EA", "AccScore"),
+                    request_set: str = "old", axes=None, title: str | None = None):
+    """Knowledge forgetting (CollabEdit section 4.2.3, Table 5): old-edit metrics against the round.
+
+    One panel per metric; one line per method (its colour) and covariance (solid: immutable C,
+    dashed: dynamic C). ``table`` is a long result table (``round, method, request_set, metric,
+    value``), e.g. several :func:`fedke.simulations.multiround.run_multiround` tables concatenated;
+    a ``covariance`` column (``immutable`` / ``dynamic``) separates the two settings, and without
+    one every row counts as one setting. Method names of the run config (``collabedit``) are shown
+    by their display names (``CollabEdit``). ``axes`` (one per metric) draws on given axes.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    _require(table, ["round", "method", "request_set", "metric", "value"], "plot_forgetting")
+    metrics = list(metrics)
+    if not metrics:
+        raise ValueError("metrics is empty: name at least one metric to plot")
+    frame = table[table["request_set"] == request_set].copy()
+    if frame.empty:
+        raise ValueError(f"no rows for request_set {request_set!r}; present: {sorted(table['request_set'].unique())}")
+    missing = [m for m in metrics if m not in set(frame["metric"])]
+    if missing:
+        raise ValueError(f"no rows with metric(s) {missing} on {request_set!r}; present: {sorted(frame['metric'].unique())}")
+    frame["method"] = frame["method"].map(lambda m: METHOD_NAMES.get(m, m))
+    if "covariance" not in frame.columns:
+        frame["covariance"] = ""
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.6), layout="constrained",
+                                 squeeze=False)
+        axes = list(axes[0])
+    else:
+        axes = list(axes)
+        if len(axes) != len(metrics):
+            raise ValueError(f"got {len(axes)} axes for {len(metrics)} metrics")
+        fig = axes[0].figure
+    points = frame.groupby(["method", "covariance", "metric", "round"], as_index=False)["value"].mean()
+    settings = _ordered(points["covariance"], list(COVARIANCE_LINESTYLE))
+    for ax, metric in zip(axes, metrics):
+        rows = points[points["metric"] == metric]
+        for i, method in enumerate(_ordered(rows["method"], METHOD_ORDER)):
+            for setting in settings:
+                line = rows[(rows["method"] == method) & (rows["covariance"] == setting)].sort_values("round")
+                if line.empty:
+                    continue
+                style = {**_line_look(method, i), "linestyle": COVARIANCE_LINESTYLE.get(setting, "-")}
+                style["markersize"] = min(style["markersize"], 5.0) if len(line) < 30 else 0.0
+                label = f"{method} · {setting} C" if setting else method
+                ax.plot(line["round"], line["value"], label=label, linewidth=1.6, **style)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _percent_axis(ax, rows["value"])
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{metric} of the {request_set!r} edits")
+        ax.set_title(metric)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title if title is not None else f"Forgetting: the {request_set!r} edits over rounds")
+    return fig

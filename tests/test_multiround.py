@@ -1,0 +1,176 @@
+"""Multi-round forgetting scenarios: dealing, per-set metrics, dynamic covariance, baselines, flat state."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from fedke.simulations.scenario import Scenario, deal_cases
+
+ROUNDS = 4
+
+
+@pytest.fixture(scope="module")
+def forgetting(cache_dir, tmp_path_factory):
+    return Scenario.from_preset("tiny", num_rounds=ROUNDS, num_clients=3, edits_per_client=2, forgetting=True,
+                                cache_dir=str(cache_dir), output_dir=str(tmp_path_factory.mktemp("mr-out")),
+                                wire_dtype="float64")
+
+
+# ---------------------------------------------------------------------- scenario keys and dealing
+def test_forgetting_keys_are_validated():
+    with pytest.raises(ValueError, match="needs strategy collabedit or global"):
+        Scenario(strategy="fedavg", covariance="dynamic")
+    with pytest.raises(ValueError, match="covariance must be"):
+        Scenario(covariance="adaptive")
+    with pytest.raises(ValueError, match="old-relations must be in 1..world-relations - 1"):
+        Scenario(forgetting=True, old_relations=5)
+    with pytest.raises(ValueError, match="beta0 must be > 0"):
+        Scenario(covariance="dynamic", beta0=0.0)
+    with pytest.raises(ValueError, match="resume = true needs checkpoint-dir"):
+        Scenario(resume=True)
+    with pytest.raises(ValueError, match="unrelated to the old set"):
+        Scenario(forgetting=True, world_subjects=120, world_relations=3, num_clients=10, edits_per_client=2,
+                 num_rounds=20)
+    config = Scenario(forgetting=True, covariance="dynamic", beta0=2.0, beta1=3.0).to_run_config()
+    scenario = Scenario.from_run_config(config)
+    assert scenario.dynamic_covariance == (2.0, 3.0) and scenario.strategy_kwargs() == {"dynamic_covariance": (2.0, 3.0)}
+    assert Scenario(strategy="global", covariance="dynamic").strategy_kwargs() == {"dynamic_covariance": (1.0, 1.0)}
+    assert Scenario().dynamic_covariance is None
+
+
+def test_forgetting_deal_old_then_unrelated_new_sets(forgetting, tiny_bed):
+    dealt = deal_cases(forgetting, tiny_bed.world)
+    assert deal_cases(forgetting, tiny_bed.world) == dealt
+    by_round = {r: [c for (_, rr), cs in sorted(dealt.items()) if rr == r for c in cs] for r in range(1, ROUNDS + 1)}
+    assert all(len(cases) == 6 for cases in by_round.values())
+    assert all(len(dealt[client, r]) == 2 for client in range(3) for r in range(1, ROUNDS + 1))
+    old = by_round[1]
+    old_subjects = {c.request.subject for c in old}
+    old_relations = {c.request.relation_id for c in old}
+    assert len(old_relations) == forgetting.old_relations == 1
+    new = [c for r in range(2, ROUNDS + 1) for c in by_round[r]]
+    assert not {c.request.subject for c in new} & old_subjects
+    assert not {c.request.relation_id for c in new} & old_relations
+    pairs = [(c.request.subject, c.request.relation_id) for c in old + new]
+    assert len(set(pairs)) == len(pairs)
+    ids = [c.case_id for c in old + new]
+    assert len(set(ids)) == len(ids)
+    # Global-Edit holds the same requests, all in client 0
+    global_dealt = deal_cases(replace(forgetting, strategy="global"), tiny_bed.world)
+    assert [c.case_id for c in global_dealt[0, 1]] == [c.case_id for c in old]
+
+
+def test_request_sets_per_round(forgetting, tiny_bed):
+    from fedke.simulations.multiround import request_sets
+
+    assert list(request_sets(forgetting, 1)) == ["old"]
+    assert list(request_sets(forgetting, 2)) == ["old", "new-1"]
+    assert list(request_sets(forgetting, ROUNDS)) == ["old", "new-1", "new-2", "new-3", "new-all"]
+    final = request_sets(forgetting, ROUNDS)
+    assert [c.case_id for c in final["new-all"]] == [c.case_id for n in ("new-1", "new-2", "new-3") for c in final[n]]
+    plain = replace(forgetting, forgetting=False)
+    assert list(request_sets(plain, 2)) == ["all"] and len(request_sets(plain, 2)["all"]) == 12
+
+
+# ---------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def collab_runs(forgetting, tiny_bed):
+    from fedke.simulations.multiround import run_multiround
+
+    return {cov: run_multiround(replace(forgetting, covariance=cov), write=False) for cov in ("immutable", "dynamic")}
+
+
+def test_rows_are_tidy_and_per_set_metrics_equal_a_direct_evaluation(forgetting, collab_runs):
+    from fedke.simulations.multiround import round_cases
+    from fedke.simulations.runtime import evaluate_update
+
+    outcome = collab_runs["dynamic"]
+    table = outcome.table()
+    assert list(table.columns) == ["round", "method", "request_set", "metric", "value", "covariance"]
+    assert set(table.method) == {"collabedit"} and set(table.covariance) == {"dynamic"}
+    quality = table[table.request_set != "merge"]
+    assert not quality.duplicated(["round", "request_set", "metric"]).any()
+    sets = quality.groupby("round")["request_set"].unique().map(sorted).to_dict()
+    assert sets == {1: ["old"], 2: ["new-1", "old"], 3: ["new-2", "old"],
+                    4: ["new-1", "new-2", "new-3", "new-all", "old"]}
+    assert set(table[table.request_set == "merge"]["round"]) == set(range(1, ROUNDS + 1))
+    # the batched per-set aggregation equals evaluating each set on its own
+    final = quality[quality["round"] == ROUNDS].pivot_table(index="request_set", columns="metric", values="value")
+    for name, cases in (("old", round_cases(forgetting, 1)), ("new-2", round_cases(forgetting, 3))):
+        direct = evaluate_update(forgetting, outcome.strategy.global_update, ROUNDS, cases)
+        for metric in ("ES", "PS", "NS", "Score", "EA", "PA", "NA", "AccScore", "n_cases"):
+            assert final.loc[name, metric] == pytest.approx(direct[metric], abs=1e-9), (name, metric)
+
+
+def test_first_round_does_not_depend_on_the_covariance(collab_runs):
+    tables = {cov: run.table() for cov, run in collab_runs.items()}
+    first = {cov: t[(t["round"] == 1) & (t.request_set == "old")].set_index("metric")["value"] for cov, t in tables.items()}
+    assert first["immutable"].equals(first["dynamic"])  # kkt_total is 0 before round 1: A_1 = A0
+
+
+def test_dynamic_covariance_keeps_the_running_kkt_sum(forgetting, collab_runs, tiny_bed):
+    """kkt_total is the sum of every round's clients' K K^T; the dynamic server solve uses it (eq. 7)."""
+    from fedke.simulations.client_app import make_client
+    from fedke.simulations.inprocess import fit_result
+    from fedke.strategies.base import decode_reply
+
+    dynamic, immutable = collab_runs["dynamic"].strategy, collab_runs["immutable"].strategy
+    assert dynamic.rounds_merged == ROUNDS and dynamic.dynamic_covariance == (1.0, 1.0)
+    assert immutable.dynamic_covariance is None
+    for name, total in dynamic.kkt_total.items():
+        assert np.all(np.isfinite(total)) and np.trace(total) > 0
+    # the two runs diverge from round 2 on: the same old edits, different later merges
+    assert any(not np.allclose(dynamic.global_update[n], immutable.global_update[n]) for n in dynamic.global_update)
+    # round 1's K K^T sum: recompute it from the clients' round-1 payloads
+    kkt = {name: np.zeros_like(total) for name, total in dynamic.kkt_total.items()}
+    for cid in range(forgetting.num_clients):
+        reply = fit_result(*make_client(forgetting, cid).fit([], {"server_round": 1}))
+        payload = decode_reply(reply, expected=dynamic.layer_specs, max_norm=None, psd_tol=None)
+        for name, layer in payload.layers.items():
+            kkt[name] += layer.kkt
+    state = dynamic.state_dict()
+    assert state["meta"]["rounds_merged"] == ROUNDS
+    for name in kkt:  # the total holds round 1's sum plus later rounds' PSD sums
+        eigen = np.linalg.eigvalsh(dynamic.kkt_total[name] - kkt[name])
+        assert eigen.min() > -1e-8 * max(1.0, eigen.max())
+
+
+def test_collabedit_equals_global_edit_over_rounds_with_dynamic_covariance(forgetting, collab_runs):
+    from fedke.simulations.multiround import run_multiround
+
+    global_run = run_multiround(replace(forgetting, strategy="global", covariance="dynamic", num_rounds=ROUNDS),
+                                write=False)
+    collab = collab_runs["dynamic"].strategy
+    for name, update in global_run.strategy.global_update.items():
+        scale = float(np.abs(update).max())
+        np.testing.assert_allclose(collab.global_update[name], update, rtol=0, atol=1e-9 * max(scale, 1.0))
+        np.testing.assert_allclose(collab.kkt_total[name], global_run.strategy.kkt_total[name], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "task_arithmetic", "ties"])
+def test_baselines_run_multi_round(forgetting, tiny_bed, method):
+    from fedke.simulations.multiround import run_multiround
+
+    outcome = run_multiround(replace(forgetting, strategy=method, num_rounds=3), write=False)
+    table = outcome.table()
+    old = table[(table.request_set == "old") & (table.metric == "Score")]
+    assert list(old["round"]) == [1, 2, 3] and old.value.between(0, 100).all()
+    assert outcome.strategy.rounds_merged == 3 and set(table.method) == {method}
+
+
+def test_state_does_not_grow_with_payloads(collab_runs):
+    """Long runs: per round only a fixed number of small rows; the strategy keeps no payloads."""
+    outcome = collab_runs["immutable"]
+    table = outcome.writer.table()
+    per_round = table[table["round"].between(2, ROUNDS - 1)].groupby("round").size()
+    assert per_round.nunique() == 1
+    strategy = outcome.strategy
+    arrays = [value for value in vars(strategy).values() if isinstance(value, np.ndarray)]
+    assert not arrays  # arrays live only in the per-layer dicts below
+    assert set(strategy.global_update) == set(strategy.kkt_total) == set(strategy.layer_names)
+    assert len(strategy.round_metrics) == ROUNDS
+    assert all(not isinstance(v, (np.ndarray, list, dict)) for entry in strategy.round_metrics for v in entry.values())
+    assert outcome.seconds_per_round and len(outcome.seconds_per_round) == ROUNDS
