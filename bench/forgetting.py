@@ -1,0 +1,175 @@
+"""Knowledge forgetting over many rounds, immutable vs dynamic covariance (CollabEdit Table 5).
+
+    python bench/forgetting.py --rounds 100 --clients 10 --edits-per-client 2 --out forgetting.json [--quick]
+
+Two multi-round runs of the same forgetting scenario (``forgetting = true``): Flower round 1 edits
+the old requests E_o (clients x edits-per-client of them, spread over the clients); every later
+round edits new requests unrelated to them (other subjects and relations). The first run merges
+with immutable C, the second with the dynamic C of eq. 7 (``A_t = beta0 lam C0 + beta1 sum K K^T``).
+Each round the global model is measured on E_o, and on that round's new set; every new set again
+at the end. The server state is checkpointed after every round, as a long run would be (pass
+``--no-checkpoint`` to leave that out of the timing).
+
+Writes exactly ``{"before", "after_immutable", "after_dynamic", "per_round", "seconds_per_round",
+"peak_rss_mb"}``:
+
+* ``before``: E_o's metrics after round 1 (the paper's "before m rounds"; the same in both runs);
+  ``after_immutable`` / ``after_dynamic``: after the last round. Each holds NS, PS, ES, Score,
+  NA, PA, EA, AccScore (x100), Table 5's columns.
+* ``per_round``: one entry per run and round: ``covariance``, ``round``, ``seconds``, ``rss_mb``
+  (current), ``peak_rss_mb``, E_o's metrics (``old_<metric>``), and that round's new set's
+  (``new_<metric>``); the last round's entries add ``new_all_<metric>`` (every new request).
+* ``seconds_per_round``: the mean wall-clock time of a round over both runs (edit, merge,
+  evaluation, checkpoint).
+* ``peak_rss_mb``: ``[first, last]``: this process's peak RSS after round ``min(10, rounds)`` of
+  the first run and after the last round of the second (the target: last <= 1.1 x first).
+
+The table printed also gives the projected time of a 1,000-round run (from the mean time of the
+last rounds). ``--quick`` runs the tiny preset (6 rounds, 3 clients x 2 edits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_json  # noqa: E402
+
+from fedke.simulations.multiround import NEW_ALL, OLD_SET, current_rss_mb, new_set_name, peak_rss_mb, run_multiround  # noqa: E402
+from fedke.simulations.scenario import Scenario  # noqa: E402
+
+TABLE5 = ["NS", "PS", "ES", "Score", "NA", "PA", "EA", "AccScore"]
+RSS_ROUND = 10
+
+
+def scenario_from_args(args) -> Scenario:
+    preset = "tiny" if args.quick else args.preset
+    overrides = dict(num_rounds=args.rounds, num_clients=args.clients, edits_per_client=args.edits_per_client,
+                     forgetting=True, strategy=args.method, beta0=args.beta0, beta1=args.beta1,
+                     old_relations=args.old_relations, seed=args.seed)
+    if args.lam is not None:
+        overrides["lam"] = args.lam
+    if args.cache_dir:
+        overrides["cache_dir"] = args.cache_dir
+    return Scenario.from_preset(preset, **overrides)
+
+
+def _table5(metrics: dict) -> dict:
+    return {key: float(metrics[key]) for key in TABLE5}
+
+
+def run_one(scenario: Scenario, covariance: str, per_round: list, rss: dict, checkpoint_root: Path | None) -> dict:
+    """One run; appends its per-round entries; returns E_o's metrics after round 1 and after the last."""
+    run = replace(scenario, covariance=covariance,
+                  checkpoint_dir=str(checkpoint_root / covariance) if checkpoint_root else "",
+                  output_dir=str((checkpoint_root or Path(tempfile.gettempdir())) / f"results-{covariance}"))
+    seen: dict = {}
+
+    def on_round(server_round: int, metrics: dict, seconds: float) -> None:
+        entry = {"covariance": covariance, "round": server_round, "seconds": seconds,
+                 "rss_mb": current_rss_mb(), "peak_rss_mb": peak_rss_mb()}
+        entry.update({f"old_{k}": float(v) for k, v in metrics[OLD_SET].items() if k in TABLE5})
+        if server_round > 1:
+            entry.update({f"new_{k}": float(v) for k, v in metrics[new_set_name(server_round)].items() if k in TABLE5})
+        if NEW_ALL in metrics:
+            entry.update({f"new_all_{k}": float(v) for k, v in metrics[NEW_ALL].items() if k in TABLE5})
+        per_round.append(entry)
+        if server_round == 1:
+            seen["before"] = _table5(metrics[OLD_SET])
+        seen["after"] = _table5(metrics[OLD_SET])
+        if server_round == min(RSS_ROUND, scenario.num_rounds):
+            rss.setdefault("first", peak_rss_mb())
+        print(f"[{covariance}] round {server_round}/{scenario.num_rounds}: {seconds:.2f} s, old Score "
+              f"{entry['old_Score']:.1f} AccScore {entry['old_AccScore']:.1f}, RSS {entry['rss_mb']:.0f} MiB "
+              f"(peak {entry['peak_rss_mb']:.0f})", flush=True)
+
+    run_multiround(run, write=False, on_round=on_round)
+    rss["last"] = peak_rss_mb()
+    return seen
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=100, help="Flower rounds (round 1 edits the old set)")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--edits-per-client", type=int, default=2)
+    parser.add_argument("--method", choices=["collabedit", "global"], default="collabedit")
+    parser.add_argument("--beta0", type=float, default=1.0)
+    parser.add_argument("--beta1", type=float, default=1.0)
+    parser.add_argument("--lam", type=float, default=None, help="MEMIT lam (default: the preset's)")
+    parser.add_argument("--old-relations", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--cache-dir", default="")
+    parser.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint every round")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny preset, 6 rounds, 3 clients x 2 edits")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.clients, args.edits_per_client = min(args.rounds, 6), min(args.clients, 3), 2
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    scenario = scenario_from_args(args)
+    print(f"forgetting: {scenario.num_rounds} rounds x {scenario.num_clients} clients x {scenario.edits_per_client} "
+          f"edits, {scenario.strategy}, world {scenario.world_subjects} x {scenario.world_relations}, model "
+          f"{scenario.model_layers} x {scenario.model_width}, lam {scenario.lam}, dynamic beta0={scenario.beta0} "
+          f"beta1={scenario.beta1}", flush=True)
+
+    checkpoint_root = None if args.no_checkpoint else Path(tempfile.mkdtemp(prefix="fedke-forgetting-"))
+    per_round: list = []
+    rss: dict = {}
+    started = time.perf_counter()
+    try:
+        immutable = run_one(scenario, "immutable", per_round, rss, checkpoint_root)
+        dynamic = run_one(scenario, "dynamic", per_round, rss, checkpoint_root)
+    finally:
+        if checkpoint_root is not None:
+            shutil.rmtree(checkpoint_root, ignore_errors=True)
+    if immutable["before"] != dynamic["before"]:  # round 1 merges with A0 in both runs
+        print(f"warning: round 1 differs between the runs: {immutable['before']} vs {dynamic['before']}")
+    seconds = [entry["seconds"] for entry in per_round]
+    result = {
+        "before": immutable["before"],
+        "after_immutable": immutable["after"],
+        "after_dynamic": dynamic["after"],
+        "per_round": per_round,
+        "seconds_per_round": sum(seconds) / len(seconds),
+        "peak_rss_mb": [rss["first"], rss["last"]],
+    }
+
+    import pandas as pd
+
+    table = pd.DataFrame({"before": result["before"], "after (immutable C)": result["after_immutable"],
+                          "after (dynamic C)": result["after_dynamic"]}).T[TABLE5]
+    print(f"\nOld edits E_o before and after {scenario.num_rounds - 1} rounds of new edits (x100)")
+    print(table.round(2).to_string())
+    finals = [entry for entry in per_round if f"new_all_Score" in entry]
+    if finals:
+        new = pd.DataFrame({entry["covariance"]: {k: entry[f"new_all_{k}"] for k in TABLE5} for entry in finals}).T
+        print("\nAll new edits after the last round (x100)")
+        print(new[TABLE5].round(2).to_string())
+    tail = max(1, min(10, scenario.num_rounds // 2))
+    late = [entry["seconds"] for cov in ("immutable", "dynamic")
+            for entry in [e for e in per_round if e["covariance"] == cov][-tail:]]
+    late_mean = sum(late) / len(late)
+    for name in ("Score", "AccScore", "EA"):
+        print(f"old {name}: immutable {result['after_immutable'][name] - result['before'][name]:+.2f}, "
+              f"dynamic {result['after_dynamic'][name] - result['before'][name]:+.2f} points vs before")
+    first, last = result["peak_rss_mb"]
+    print(f"\nseconds per round {result['seconds_per_round']:.2f} (last {tail} rounds of each run: {late_mean:.2f}); "
+          f"projected 1000-round run: {1000 * late_mean / 3600:.2f} h")
+    print(f"peak RSS after round {min(RSS_ROUND, scenario.num_rounds)}: {first:.0f} MiB, at the end: {last:.0f} MiB "
+          f"(x{last / first:.3f}); total {time.perf_counter() - started:.0f} s")
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
