@@ -16,15 +16,18 @@ from typing import Any
 from .base import EditMergeStrategy, RoundMerger
 from .collabedit import CollabEdit
 from .delta_merge import TIES, DeltaMergeStrategy, FedAvg, TaskArithmetic
+from .secagg import CollabEditSecAgg, SecAggBounds
 
 __all__ = [
     "STRATEGIES",
     "TIES",
     "CollabEdit",
+    "CollabEditSecAgg",
     "DeltaMergeStrategy",
     "EditMergeStrategy",
     "FedAvg",
     "RoundMerger",
+    "SecAggBounds",
     "TaskArithmetic",
     "make_strategy",
 ]

@@ -1,0 +1,399 @@
+"""CollabEdit under secure aggregation (Flower's SecAgg+): the server only ever holds SUMS.
+
+CollabEdit needs ``S_l = sum_i R_i K_i^T`` and ``G_l = sum_i K_i K_i^T`` per layer (NOTES.md section
+1; Lemma 1 of arXiv 2410.09508 in sums form), which is exactly what secure aggregation computes.
+In this mode each client sends, through ``secaggplus_mod``, one flat layout of float arrays
+(:func:`secagg_layout`)::
+
+    [stats = (1, n_edits) / stats_bound,  per layer: rkt / rkt_bound, packed kkt / kkt_bound] * clip
+
+and the server's ``SecAggPlusWorkflow`` hands :meth:`CollabEditSecAgg.aggregate_fit` only the
+unmasked aggregate: the same parameters in every ``FitRes``. Neither a client's ``K K^T`` nor
+its ``Delta`` nor its ``R K^T`` is ever held by the server.
+
+What Flower's SecAgg+ does to the numbers (flwr 1.41, ``secaggplus_mod`` / ``SecAggPlusWorkflow``):
+
+1. the client multiplies its arrays by ``dq = round(w / max_weight * T) / T`` (``w`` its
+   ``num_examples``), CLIPS them to ``[-c, c]`` and quantises them stochastically to integers in
+   ``[0, T]`` (``T`` = ``quantization_range``, ``c`` = ``clipping_range``);
+2. masks cancel in the modular sum (modulus ``2^32``); the server dequantises and divides by the
+   sum of the ``dq``: it receives the WEIGHTED MEAN ``sum_i dq_i x_i / sum_i dq_i``.
+
+So fedke's clients send ``num_examples = 1`` and the workflow uses ``max_weight = 1`` (``dq = 1``
+exactly); the server checks every ``num_examples`` is 1 and multiplies the mean by ``N``, the
+number of results (the clients whose masked vectors were summed), to undo the weighting.
+
+Scale choice. Values beyond ``[-c, c]`` would be silently clipped, so each array kind is divided by
+a PUBLIC bound ``B`` (sent to the clients in the fit config) and multiplied by ``c``: ``x c / B``
+lies in ``[-c, c]`` when ``|x| <= B``. A client whose values exceed a bound refuses to send
+(:class:`fedke.codec.PayloadError` naming the bound it needed): it drops out of the round, which
+SecAgg+ tolerates, instead of corrupting the sum. The default bounds (:func:`default_bounds`)
+come from what the server already knows: the per-round edit budget ``M`` and, per layer, the
+key second moment ``C`` (``lam C`` is the regulariser) and the weight ``W``:
+
+* ``|(K K^T)_ab| <= max_j (K K^T)_jj <= tr(K K^T) = sum_j |k_j|^2``, about ``M tr(C)``:
+  ``B_kkt = M max_l tr(C_l)``;
+* ``|(R K^T)_ab| <= sum_j |r_j| |k_j|``, with ``|k| ~ sqrt(tr C)`` and ``|r|`` of the order of the
+  layer's typical output norm ``sqrt(tr(W C W^T))``: ``B_rkt = M max_l sqrt(tr C_l) sqrt(tr(W_l C_l W_l^T))``.
+
+On the tiny world model the largest entries are 3-8% of ``B_kkt`` and 2-5% of ``B_rkt`` (so 12-50x
+headroom before a client refuses). Headroom costs precision, and precision matters: the merge
+``S (A + G)^-1`` amplifies the quantisation noise along the small eigenvalues of ``A = lam C``
+(condition numbers near 1e4 on the world model), so a quantisation noise of 1e-5 relative to
+``S`` becomes about 1e-3 relative to the update. Hence tight bounds (the residual factor is 1,
+not 4: that cut the error on the tiny world from 1.3e-3 to 1.9e-4 with 5 clients) and ``T`` as
+large as the 32-bit modulus allows for the number of clients (:func:`quantization_range_for`:
+``N T < 2^32``; ``T = 2^29`` for 5 clients): one step is ``2 B / T``, about ``4e-9 B``.
+
+What this mode gives up (by design the server sees no single client):
+
+* per-client validation: a malformed or malicious contribution cannot be told apart inside the
+  sum (each client's influence is bounded by the clipping, ``|x| <= B`` per entry, and the sum is
+  checked: finite, symmetric by construction, PSD up to the quantisation noise);
+* per-client diagnostics: no per-client overlap or conflict detection (which needs each
+  ``K_i K_i^T`` or ``Delta_i``), no per-request residual norms (only the total number of edits
+  travels, inside the sum), no per-client metrics in the clear (clients report none);
+* the delta form of Lemma 1 (it needs each ``Delta_i K_i K_i^T``): only the sums form exists here;
+* exactness: quantisation adds noise of about one step per entry (measured by bench/privacy.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from logging import ERROR, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.common import Code, FitIns, FitRes, Parameters, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+
+from fedke.codec import LayerSpec, PayloadError, encode_payload, pack_upper, unpack_upper
+from fedke.payload import EditPayload, LayerPayload
+
+from .collabedit import CollabEdit
+
+__all__ = [
+    "SECAGG_CONFIG_KEYS",
+    "CollabEditSecAgg",
+    "SecAggBounds",
+    "default_bounds",
+    "encode_secagg",
+    "decode_secagg_sum",
+    "quantization_range_for",
+    "secagg_layout",
+    "simulate_secagg_mean",
+]
+
+#: Fit-config keys the server sends and the clients read.
+SECAGG_CONFIG_KEYS = ("secagg-kkt-bound", "secagg-rkt-bound", "secagg-stats-bound", "secagg-clip")
+MODULUS_RANGE = 1 << 32
+
+
+@dataclass(frozen=True)
+class SecAggBounds:
+    """Public per-entry bounds ``B`` of each array kind (``|x| <= B``) and the clipping range ``c``."""
+
+    kkt: float
+    rkt: float
+    stats: float
+    clip: float = 8.0
+
+    def __post_init__(self) -> None:
+        for name in ("kkt", "rkt", "stats", "clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"SecAggBounds.{name} must be a positive finite number, got {value!r}")
+
+    def to_config(self) -> dict[str, Scalar]:
+        return {"secagg-kkt-bound": float(self.kkt), "secagg-rkt-bound": float(self.rkt),
+                "secagg-stats-bound": float(self.stats), "secagg-clip": float(self.clip)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "SecAggBounds":
+        """The bounds a server sent in a fit config; PayloadError naming what is missing or bad."""
+        missing = [key for key in SECAGG_CONFIG_KEYS if key not in config]
+        if missing:
+            raise PayloadError(f"secure aggregation: the fit config lacks {missing}")
+        try:
+            return cls(kkt=float(config["secagg-kkt-bound"]), rkt=float(config["secagg-rkt-bound"]),
+                       stats=float(config["secagg-stats-bound"]), clip=float(config["secagg-clip"]))
+        except (TypeError, ValueError) as error:
+            raise PayloadError(f"secure aggregation: bad bounds in the fit config: {error}") from None
+
+
+def quantization_range_for(max_clients: int, modulus_range: int = MODULUS_RANGE) -> int:
+    """The largest power of two ``T <= 2^30`` with ``max_clients * T < modulus_range``.
+
+    SecAgg+ sums ``N`` integers in ``[0, T]`` (and the weight factors, ``T`` each with ``dq = 1``)
+    modulo ``modulus_range``; a sum reaching the modulus wraps around. ``2^30`` keeps Flower's
+    ``int32`` quantisation from overflowing.
+    """
+    if isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1:
+        raise ValueError(f"max_clients must be a positive int, got {max_clients!r}")
+    exponent = min(30, int(math.floor(math.log2((modulus_range - 1) / max_clients))))
+    if exponent < 1:
+        raise ValueError(f"{max_clients} clients cannot be summed modulo {modulus_range}")
+    return 1 << exponent
+
+
+def secagg_layout(specs: Sequence[LayerSpec]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(layer, kind, shape)`` of every array in order: ``("", "stats", (2,))`` then per layer
+    ``(name, "rkt", (d_out, d_in))`` and ``(name, "kkt", (d_in (d_in + 1) / 2,))``."""
+    layout: list[tuple[str, str, tuple[int, ...]]] = [("", "stats", (2,))]
+    for spec in specs:
+        layout.append((spec.name, "rkt", (spec.d_out, spec.d_in)))
+        layout.append((spec.name, "kkt", (spec.d_in * (spec.d_in + 1) // 2,)))
+    return layout
+
+
+def _bound_of(bounds: SecAggBounds, kind: str) -> float:
+    return {"stats": bounds.stats, "rkt": bounds.rkt, "kkt": bounds.kkt}[kind]
+
+
+def encode_secagg(payload: EditPayload, specs: Sequence[LayerSpec], bounds: SecAggBounds,
+                  regularisers: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """A client's payload as the SecAgg+ layout, every value scaled into ``[-clip, clip]``.
+
+    ``x -> x * clip / B`` per kind. ``rkt`` is the payload's, or ``Delta (A0 + K K^T)`` when only
+    ``delta`` is present (``regularisers`` then needed). Raises PayloadError, naming the array and
+    the bound it would need, when a value exceeds its bound (it would be clipped), when the layer
+    set differs from ``specs``, or when a value is not finite.
+    """
+    names = [spec.name for spec in specs]
+    if sorted(payload.layers) != sorted(names):
+        raise PayloadError(f"secure aggregation: payload layers {sorted(payload.layers)} differ from {sorted(names)}")
+    layers = {spec.name: spec for spec in specs}
+    arrays = []
+    for name, kind, shape in secagg_layout(specs):
+        if kind == "stats":
+            value = np.array([1.0, float(payload.n_edits)])
+        else:
+            layer = payload.layers[name]
+            if kind == "kkt":
+                value = pack_upper(np.asarray(layer.kkt, dtype=np.float64))
+            else:
+                value = layer.rkt
+                if value is None:
+                    if layer.delta is None or regularisers is None:
+                        raise PayloadError(f"layer {name!r}: secure aggregation needs rkt (or delta and the regulariser)")
+                    value = np.asarray(layer.delta, dtype=np.float64) @ (regularisers[name] + layer.kkt)
+            value = np.asarray(value, dtype=np.float64)
+            if kind == "rkt" and value.shape != (layers[name].d_out, layers[name].d_in):
+                raise PayloadError(f"layer {name!r} rkt: wrong shape {value.shape}, expected {shape}")
+        where = f"layer {name!r} {kind}" if name else kind
+        if value.shape != shape:
+            raise PayloadError(f"{where}: wrong shape {value.shape}, expected {shape}")
+        if not np.isfinite(value).all():
+            raise PayloadError(f"{where}: non-finite values")
+        bound = _bound_of(bounds, kind)
+        peak = float(np.abs(value).max()) if value.size else 0.0
+        if peak > bound:
+            raise PayloadError(
+                f"{where}: max |value| {peak:.6g} exceeds the secure-aggregation bound {bound:.6g} "
+                f"(it would be clipped); the server must raise secagg-{kind}-bound to at least {peak:.6g}"
+            )
+        arrays.append(value * (bounds.clip / bound))
+    return arrays
+
+
+def decode_secagg_sum(mean: Sequence[np.ndarray], n_clients: int, specs: Sequence[LayerSpec],
+                      bounds: SecAggBounds) -> tuple[EditPayload, float]:
+    """The SUM payload (``rkt = S``, ``kkt = G``, ``n_edits``) from the SecAgg+ mean of ``n_clients``.
+
+    Undoes the weighting (``x N``) and the scaling (``x B / clip``). Returns the payload and the
+    per-client count read back from the stats slot (1.0 up to quantisation when the layout is
+    right). PayloadError when the layout does not match ``specs``.
+    """
+    layout = secagg_layout(specs)
+    if len(mean) != len(layout):
+        raise PayloadError(f"secure aggregate: {len(mean)} arrays, expected {len(layout)} (the layout of {len(specs)} layers)")
+    sums: dict[tuple[str, str], np.ndarray] = {}
+    for array, (name, kind, shape) in zip(mean, layout):
+        array = np.asarray(array)
+        where = f"layer {name!r} {kind}" if name else kind
+        if array.dtype == object or not np.issubdtype(array.dtype, np.floating) or array.shape != shape:
+            raise PayloadError(f"secure aggregate {where}: dtype {array.dtype} shape {array.shape}, expected float {shape}")
+        if not np.isfinite(array).all():
+            raise PayloadError(f"secure aggregate {where}: non-finite values")
+        sums[name, kind] = array.astype(np.float64) * (n_clients * _bound_of(bounds, kind) / bounds.clip)
+    stats = sums["", "stats"]
+    layers = {spec.name: LayerPayload(delta=None, kkt=unpack_upper(sums[spec.name, "kkt"], spec.d_in),
+                                      rkt=sums[spec.name, "rkt"]) for spec in specs}
+    n_edits = max(0, int(round(float(stats[1]))))
+    return EditPayload(layers=layers, n_edits=n_edits, residual_norms=np.zeros(0)), float(stats[0]) / n_clients
+
+
+def simulate_secagg_mean(client_arrays: Sequence[Sequence[np.ndarray]], *, clip: float, quantization_range: int,
+                         modulus_range: int = MODULUS_RANGE) -> list[np.ndarray]:
+    """What ``SecAggPlusWorkflow`` hands the strategy for these clients (``num_examples = 1``, ``max_weight = 1``).
+
+    Flower's own ``quantize`` (clip, stochastic rounding) per client, the modular integer sum, then
+    Flower's ``dequantize``, offset and division by the weight total, as in ``unmask_stage``. The
+    pairwise and private masks are left out: they cancel exactly modulo ``modulus_range``. Used to
+    measure the quantisation error without running the protocol's cryptography.
+    """
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    n = len(client_arrays)
+    if n < 1:
+        raise ValueError("no clients")
+    total = None
+    for arrays in client_arrays:
+        quantised = [q.astype(np.int64) for q in quantize(list(arrays), clip, quantization_range)]
+        total = quantised if total is None else [a + b for a, b in zip(total, quantised)]
+    total = [np.mod(a, modulus_range) for a in total]
+    q_total_ratio = (n * quantization_range) % modulus_range
+    recovered = dequantize(total, clip, quantization_range)
+    offset = -(n - 1) * clip
+    return [(array + offset) * (quantization_range / q_total_ratio) for array in recovered]
+
+
+def default_bounds(regularisers: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray], *, lam: float,
+                   max_edits: int, clip: float = 8.0, residual_factor: float = 1.0) -> SecAggBounds:
+    """Public bounds from the server's knowledge (see the module docstring for the derivation).
+
+    ``regularisers[l] = lam C_l`` ``(d_in, d_in)``; ``weights[l] = W_l`` ``(d_out, d_in)`` (``v = W k``);
+    ``max_edits``: the most requests one client edits in a round.
+    """
+    if max_edits < 1 or lam <= 0:
+        raise ValueError(f"max_edits must be >= 1 and lam > 0, got {max_edits}, {lam}")
+    kkt = rkt = 0.0
+    for name, regulariser in regularisers.items():
+        cov = np.asarray(regulariser, dtype=np.float64) / lam
+        key_sq = float(np.trace(cov))
+        weight = np.asarray(weights[name], dtype=np.float64)
+        out_sq = float(np.einsum("ij,jk,ik->", weight, cov, weight))  # tr(W C W^T)
+        kkt = max(kkt, max_edits * key_sq)
+        rkt = max(rkt, residual_factor * max_edits * math.sqrt(max(key_sq, 0.0) * max(out_sq, 0.0)))
+    return SecAggBounds(kkt=kkt, rkt=rkt, stats=float(max(1, max_edits)), clip=clip)
+
+
+class CollabEditSecAgg(CollabEdit):
+    """CollabEdit over Flower's SecAgg+: merges the SUMS ``S``, ``G`` and never a single client's payload.
+
+    Run it with ``DefaultWorkflow(fit_workflow=strategy.workflow())`` on a ``LegacyContext``; the
+    ClientApp needs ``secaggplus_mod`` and clients that reply with :func:`encode_secagg`
+    (``num_examples = 1``). See the module docstring for the scaling and what the mode gives up.
+
+    Parameters
+    ----------
+    bounds : SecAggBounds
+        Public per-entry bounds and the clipping range; sent to the clients in every fit config.
+    max_clients : int (default: 16)
+        The most clients summed in one round; sets the quantisation range
+        (:func:`quantization_range_for`). A round with more results is refused.
+    num_shares, reconstruction_threshold : int | float (default: 1.0, 1.0)
+        SecAgg+'s secret-sharing settings (floats are fractions of the sampled clients).
+    timeout : float | None (default: None)
+        SecAgg+ per-stage reply timeout in seconds (None waits for every reply).
+    **kwargs
+        The :class:`CollabEdit` parameters (``use_sums`` must stay True).
+    """
+
+    def __init__(self, *, bounds: SecAggBounds, max_clients: int = 16, num_shares: int | float = 1.0,
+                 reconstruction_threshold: int | float = 1.0, timeout: float | None = None, **kwargs: Any) -> None:
+        if kwargs.get("use_sums", True) is not True:
+            raise ValueError("secure aggregation supports only the sums form of CollabEdit (use_sums=True)")
+        kwargs.setdefault("max_norm", None)  # a sum of N payloads: per-client norms do not apply
+        super().__init__(**kwargs)
+        if not isinstance(bounds, SecAggBounds):
+            raise TypeError(f"bounds must be SecAggBounds, got {type(bounds).__name__}")
+        self.bounds = bounds
+        self.max_clients = int(max_clients)
+        self.quantization_range = quantization_range_for(self.max_clients)
+        self.num_shares = num_shares
+        self.reconstruction_threshold = reconstruction_threshold
+        self.timeout = timeout
+        #: The per-client count read back from the last aggregate (1.0 up to quantisation noise).
+        self.last_count_check: float | None = None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        settings = super().hyperparameters()
+        settings.update(secagg_bounds=[self.bounds.kkt, self.bounds.rkt, self.bounds.stats],
+                        secagg_clip=self.bounds.clip, secagg_quantization_range=self.quantization_range)
+        return settings
+
+    def workflow(self):
+        """A ``SecAggPlusWorkflow`` whose quantisation matches this strategy (``max_weight = 1``)."""
+        from flwr.server.workflow import SecAggPlusWorkflow
+
+        return SecAggPlusWorkflow(num_shares=self.num_shares, reconstruction_threshold=self.reconstruction_threshold,
+                                  max_weight=1.0, clipping_range=self.bounds.clip,
+                                  quantization_range=self.quantization_range, modulus_range=MODULUS_RANGE,
+                                  timeout=self.timeout)
+
+    def quantisation_step(self, kind: str) -> float:
+        """One quantisation step of array kind ``kind`` in payload units: ``2 B / T``."""
+        return 2.0 * _bound_of(self.bounds, kind) / self.quantization_range
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """As :class:`CollabEdit`, plus the public bounds in the config (:meth:`SecAggBounds.to_config`)."""
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        if len(instructions) > self.max_clients:
+            log(WARNING, "round %s: %s clients sampled, SecAgg+ sums at most max_clients=%s of them",
+                server_round, len(instructions), self.max_clients)
+            instructions = instructions[: self.max_clients]
+        extra = self.bounds.to_config()
+        return [(proxy, FitIns(ins.parameters, {**ins.config, **extra})) for proxy, ins in instructions]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Recover the sums from SecAgg+'s mean, check them, merge them as one CollabEdit contribution.
+
+        ``results`` all carry the same aggregate (SecAgg+); their count is ``N``. A round whose
+        aggregate cannot be trusted (weights other than 1, more than ``max_clients`` results, a
+        layout that does not fit, a count check off by more than the quantisation allows, a sum
+        that fails the codec's checks) changes nothing and says why in the log and the metrics.
+        """
+        n_clients = len(results)
+        problem = None
+        summed: EditPayload | None = None
+        if n_clients > self.max_clients:
+            problem = f"{n_clients} results, more than max_clients={self.max_clients} (the modular sum may wrap)"
+        elif any(int(res.num_examples) != 1 for _, res in results):
+            problem = "a result with num_examples != 1: SecAgg+ returned a weighted mean that cannot be undone"
+        elif n_clients:
+            try:
+                mean = parameters_to_ndarrays(results[0][1].parameters)
+                summed, count = decode_secagg_sum(mean, n_clients, self.layer_specs, self.bounds)
+                self.last_count_check = count
+                tolerance = 8 * n_clients * self.quantisation_step("stats") / self.bounds.stats + 1e-9
+                if abs(count - 1.0) > tolerance:
+                    problem = f"the count slot reads {count:.6g} per client, expected 1 (layout or weighting wrong)"
+            except PayloadError as error:
+                problem = str(error)
+        replies: list[tuple[ClientProxy, FitRes]] = []
+        if summed is not None and problem is None:
+            arrays = encode_payload(summed, dtype=np.float64, send_delta=False)
+            replies = [(results[0][0], FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {}))]
+        if problem is not None:
+            log(ERROR, "round %s: secure aggregate refused: %s; the cumulative update is left unchanged", server_round, problem)
+        # the sum's kkt is PSD up to the quantisation noise: widen the codec's PSD tolerance by it
+        saved_psd_tol, saved_on_round_end = self.psd_tol, self.on_round_end
+        if self.psd_tol is not None and summed is not None:
+            noise = max(4.0 * self.quantisation_step("kkt") * math.sqrt(n_clients * spec.d_in)
+                        / max(1.0, float(np.trace(summed.layers[spec.name].kkt))) for spec in self.layer_specs)
+            self.psd_tol = max(self.psd_tol, noise)
+        self.on_round_end = None
+        try:
+            parameters, metrics = super().aggregate_fit(server_round, replies, failures)
+        finally:
+            self.psd_tol, self.on_round_end = saved_psd_tol, saved_on_round_end
+        metrics = dict(metrics)
+        accepted = bool(replies) and int(metrics.get("n_accepted", 0)) == 1
+        metrics.update(n_results=n_clients, n_accepted=n_clients if accepted else 0,
+                       n_rejected=0 if accepted or not n_clients else n_clients, secure_aggregation=True)
+        if problem is not None:
+            metrics["error"] = problem[:500]
+        if self.last_rejections:
+            log(WARNING, "round %s: the secure aggregate was rejected: %s", server_round, self.last_rejections[-1][1])
+        if self.round_metrics and self.round_metrics[-1].get("server_round") == int(server_round):
+            self.round_metrics[-1].update({k: (v if not isinstance(v, np.generic) else v.item()) for k, v in metrics.items()})
+        if self.on_round_end is not None:
+            self.on_round_end(server_round, dict(metrics))
+        return parameters, metrics
