@@ -45,6 +45,13 @@ class CollabEdit(EditMergeStrategy):
     regulariser the clients used, since neither ``S`` nor ``G`` depends on it. (``A0`` is already
     ``lam C0``: the authors' ``beta0 = beta1 = lam`` on ``C0`` is ``(1.0, lam)`` here.)
 
+    What crosses the wire for dynamic C: nothing beyond the usual payload. Clients edit with
+    ``A0`` (they never need ``A_t``) and send ``R_i K_i^T`` (or ``Delta_i``, from which the server
+    recovers ``R_i K_i^T = Delta_i (A0 + K_i K_i^T)``) and ``K_i K_i^T``; the server alone keeps
+    ``kkt_total`` and solves with ``A_t``. ``kkt_total`` is part of :meth:`state_dict`, so a
+    resumed run continues eq. 7 where it stopped. The delta form (``use_sums=False``) is exact for
+    dynamic C too, as long as the clients edited with ``A0``.
+
     Parameters
     ----------
     regularisers : Mapping[str, np.ndarray]
