@@ -52,6 +52,9 @@ UPDATE_FORMAT = "fedke.update"
 FORMAT_VERSION = 1
 WIRE_DTYPES = ("float16", "float32", "float64")
 MAX_MANIFEST_BYTES = 1 << 20
+_PAYLOAD_KEYS = frozenset({"format", "version", "dtype", "n_edits", "residual_norms", "layers"})
+_UPDATE_KEYS = frozenset({"format", "version", "dtype", "layers"})
+_LAYER_KEYS = frozenset({"name", "d_out", "d_in", "arrays"})
 
 class PayloadError(ValueError):
     """A payload that cannot be trusted: the message says which layer, which array, what was expected."""
@@ -272,6 +275,13 @@ def _read_manifest(arrays: Sequence[np.ndarray], fmt: str) -> dict[str, Any]:
     return manifest
 
 
+def _check_keys(where: str, mapping: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    """A strict schema: keys beyond ``allowed`` are refused (nothing unknown is ever interpreted)."""
+    extra = sorted(str(key) for key in mapping if key not in allowed)
+    if extra:
+        raise PayloadError(f"{where}: unexpected keys {extra} (allowed: {sorted(allowed)})")
+
+
 def _is_count(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -284,6 +294,7 @@ def _read_layer_entries(manifest: Mapping[str, Any], allowed: Sequence[Sequence[
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise PayloadError(f"manifest: layers[{index}] must be an object with a string 'name'")
         name = entry["name"]
+        _check_keys(f"manifest: layer {name!r}", entry, _LAYER_KEYS)
         if name in seen:
             raise PayloadError(f"manifest: layer {name!r} listed twice")
         seen.add(name)
@@ -416,6 +427,7 @@ def decode_payload(
     (Packed triangles are symmetric by construction, so ``symmetry_tol`` never fails here.)
     """
     manifest = _read_manifest(arrays, PAYLOAD_FORMAT)
+    _check_keys("manifest", manifest, _PAYLOAD_KEYS)
     n_edits = manifest.get("n_edits")
     if not _is_count(n_edits, 0):
         raise PayloadError(f"manifest: n_edits must be a non-negative integer, got {n_edits!r}")
@@ -493,6 +505,7 @@ def decode_update(
     ``max_norm`` as a float or a mapping with key ``"update"``).
     """
     manifest = _read_manifest(arrays, UPDATE_FORMAT)
+    _check_keys("manifest", manifest, _UPDATE_KEYS)
     entries = _read_layer_entries(manifest, (("update",),))
     _check_expected([spec for spec, _ in entries], expected)
     _check_count(arrays, 1 + len(entries))
