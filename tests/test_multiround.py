@@ -174,3 +174,29 @@ def test_state_does_not_grow_with_payloads(collab_runs):
     assert len(strategy.round_metrics) == ROUNDS
     assert all(not isinstance(v, (np.ndarray, list, dict)) for entry in strategy.round_metrics for v in entry.values())
     assert outcome.seconds_per_round and len(outcome.seconds_per_round) == ROUNDS
+
+
+def test_forgetting_benchmark_writes_exactly_the_issue_keys(cache_dir, tiny_bed, tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "forgetting.py"
+    spec = importlib.util.spec_from_file_location("bench_forgetting", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "forgetting.json"
+    result = module.main(["--quick", "--rounds", "3", "--cache-dir", str(cache_dir), "--out", str(out)])
+    assert json.loads(out.read_text()).keys() == result.keys() == {
+        "before", "after_immutable", "after_dynamic", "per_round", "seconds_per_round", "peak_rss_mb"}
+    table5 = ["NS", "PS", "ES", "Score", "NA", "PA", "EA", "AccScore"]
+    for key in ("before", "after_immutable", "after_dynamic"):
+        assert list(result[key]) == table5 and all(0 <= v <= 100 for v in result[key].values())
+    rounds = [(entry["covariance"], entry["round"]) for entry in result["per_round"]]
+    assert rounds == [(c, r) for c in ("immutable", "dynamic") for r in (1, 2, 3)]
+    assert result["before"] == {k: result["per_round"][0][f"old_{k}"] for k in table5}
+    assert result["after_dynamic"] == {k: result["per_round"][-1][f"old_{k}"] for k in table5}
+    assert "new_all_Score" in result["per_round"][-1] and "new_Score" not in result["per_round"][0]
+    first, last = result["peak_rss_mb"]
+    assert 0 < first <= last and result["seconds_per_round"] > 0
+    assert "projected 1000-round run" in capsys.readouterr().out
