@@ -176,6 +176,24 @@ class MemitEditor:
         """
         return self.edit_with_internals(requests, regularisers=regularisers, progress=progress)[0]
 
+    def keys(self, requests: Sequence[EditRequest], *, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """The keys ``K`` (d_in x M, float64) of every edited layer for ``requests``, as an edit
+        computes them (input of the layer at the fact token, averaged over the context prefixes);
+        in batches of ``batch_size`` requests. The model is not changed."""
+        self._check_requests(requests)
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.layer_names}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(requests), batch_size):
+                    keys, _ = self._keys_and_outputs(list(requests[start:start + batch_size]))
+                    for name in self.layer_names:
+                        parts[name].append(keys[name].cpu().numpy())
+        finally:
+            self.model.train(was_training)
+        return {name: np.concatenate(chunks, axis=1) for name, chunks in parts.items()}
+
     def edit_with_internals(self, requests: Sequence[EditRequest], *,
                             regularisers: Mapping[str, np.ndarray] | None = None,
                             progress: bool = False) -> tuple[EditPayload, EditInternals]:
