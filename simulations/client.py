@@ -16,10 +16,12 @@ import numpy as np
 from flwr.client import NumPyClient
 
 from fedke.codec import LayerSpec, decode_update, encode_payload, encode_update, payload_nbytes
+from fedke.conflict import CLAIMS_KEY, failing_cases
 from fedke.data.records import EditCase
 from fedke.editing.base import Editor
 from fedke.editing.weights import applied_update
 from fedke.eval import evaluate_cases
+from fedke.overlap import guard_mask, guarded_edit
 from fedke.payload import EditPayload, LayerPayload
 
 
@@ -36,16 +38,33 @@ class EditClient(NumPyClient):
         The client's private edit cases per server round (rounds without any send an empty payload).
     wire_dtype : numpy dtype (default: float32)
         dtype of the payload on the wire.
+    residual_guard : float (default: 0.0)
+        Overlap guard (:func:`fedke.overlap.guarded_edit`): skip requests whose residual norm
+        against the global model is strictly below this (already in the model); 0 disables it.
+        The fit metrics report ``n_skipped``.
+    conflict_agent : fedke.conflict.ConflictAgent | None (default: None)
+        Conflict handling (:mod:`fedke.conflict`): resolves conflicts among the client's own
+        requests, sends HMAC claims (or after-the-fact failure reports) in the fit metrics, and
+        acts on the server's decisions (losers withdraw, winners re-edit with augmentation).
+    secure_aggregation : bool (default: False)
+        Reply with :func:`fedke.strategies.secagg.encode_secagg` (the sums layout scaled by the
+        bounds in the fit config, ``num_examples = 1``, no metrics) for ``secaggplus_mod`` to mask;
+        see :mod:`fedke.strategies.secagg`.
     """
 
     def __init__(self, editor: Editor, model, tokenizer, cases_by_round: Mapping[int, Sequence[EditCase]], *,
-                 wire_dtype: Any = np.float32) -> None:
+                 wire_dtype: Any = np.float32, residual_guard: float = 0.0, conflict_agent=None,
+                 secure_aggregation: bool = False) -> None:
         self.editor = editor
         self.model = model
         self.tokenizer = tokenizer
         self.cases_by_round = {int(k): list(v) for k, v in cases_by_round.items()}
         self.wire_dtype = np.dtype(wire_dtype)
+        self.secure_aggregation = bool(secure_aggregation)
         self.layer_specs = [LayerSpec(name, *shape) for name, shape in editor.layer_shapes().items()]
+        guard_mask([], residual_guard)  # validates the threshold
+        self.residual_guard = float(residual_guard)
+        self.conflict_agent = conflict_agent
 
     # ------------------------------------------------------------------ helpers
     def _update(self, parameters: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -70,15 +89,56 @@ class EditClient(NumPyClient):
         server_round = int(config.get("server_round", 1))
         cases = self.cases_by_round.get(server_round, [])
         started = time.perf_counter()
-        if cases:
-            with applied_update(self.model, self._update(parameters)):
-                payload = self.editor.edit([case.request for case in cases])
-        else:
-            payload = self._empty_payload()
+        metrics: dict[str, Any] = {}
+        with applied_update(self.model, self._update(parameters)):
+            if self.conflict_agent is not None:
+                requests = self._conflict_requests(server_round, cases, config, metrics)
+            else:
+                requests = [case.request for case in cases]
+            if requests:
+                guarded = guarded_edit(self.editor, requests, self.residual_guard)
+                payload = guarded.payload
+                if self.residual_guard > 0:
+                    metrics.update(guarded.metrics())
+            else:
+                payload = self._empty_payload()
+        if self.secure_aggregation:  # only the SecAgg+ layout, scaled by the server's public bounds
+            from fedke.strategies.secagg import SecAggBounds, encode_secagg
+
+            return encode_secagg(payload, self.layer_specs, SecAggBounds.from_config(config)), 1, {}
         arrays = encode_payload(payload, dtype=self.wire_dtype)
-        metrics = {"n_edits": payload.n_edits, "edit_seconds": time.perf_counter() - started,
-                   "payload_bytes": payload_nbytes(arrays)}
+        metrics.update({"n_edits": payload.n_edits, "edit_seconds": time.perf_counter() - started,
+                        "payload_bytes": payload_nbytes(arrays)})
         return arrays, payload.n_edits, metrics
+
+    def _conflict_requests(self, server_round: int, cases: Sequence[EditCase], config: Mapping[str, Any],
+                           metrics: dict[str, Any]) -> list:
+        """This round's requests under conflict handling (the global update is applied).
+
+        1. Conflicts among the round's own cases are settled locally (Table 7, ``m1 = m2``).
+        2. The server's decisions about earlier claims: losers withdraw, winners re-edit with
+           augmentation.
+        3. Claims go into ``metrics``: every kept case (``"hmac"``), or the earlier cases that fail
+           on the global model (``"failures"``, with their count).
+        """
+        agent = self.conflict_agent
+        kept, local_winners, local_losers = agent.resolve_locally(cases)
+        earlier = self.cases_until(server_round - 1)
+        reedit, withdrawn = agent.apply_decisions(config, earlier)
+        requests = []
+        for case in kept:
+            requests += agent.requests_for(case) if case in local_winners else [case.request]
+        for case in reedit:
+            requests += agent.requests_for(case)
+        if agent.mode == "hmac":
+            metrics[CLAIMS_KEY] = agent.claims(kept)
+        elif earlier:
+            gone = {id(case) for case in withdrawn}
+            failing = failing_cases(self.model, self.tokenizer, [c for c in earlier if id(c) not in gone])
+            metrics[CLAIMS_KEY] = agent.claims(failing, failed=len(failing))
+        metrics.update({"n_local_conflicts": len(local_losers), "n_reedited": len(reedit),
+                        "n_withdrawn": len(withdrawn)})
+        return requests
 
     def evaluate(self, parameters, config):
         server_round = int(config.get("server_round", 1))

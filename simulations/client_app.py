@@ -9,23 +9,56 @@ from __future__ import annotations
 from flwr.client import ClientApp
 from flwr.common import Context
 
+from fedke.conflict import SECRET_ENV, ConflictAgent, load_secret, make_policy, world_augmentation
+
 from .client import EditClient
 from .runtime import dealt_cases_for, testbed_for
 from .scenario import Scenario
 
 
-def make_client(scenario: Scenario, partition_id: int) -> EditClient:
+def make_client(scenario: Scenario, partition_id: int, *, secret: str | None = None) -> EditClient:
+    """Client ``partition_id`` of the scenario. With ``conflict-detection`` on, its federation
+    secret is ``secret`` (the node config's ``federation-secret``), else the run config's
+    ``conflict-secret`` (simulations only), else ``$FEDKE_FEDERATION_SECRET``."""
     bed = testbed_for(scenario)
     dealt = dealt_cases_for(scenario)
     cases_by_round = {r: cases for (client, r), cases in dealt.items() if client == partition_id}
     editor = bed.editor(**scenario.memit_overrides())
-    return EditClient(editor, bed.model, bed.tokenizer, cases_by_round, wire_dtype=scenario.wire_dtype)
+    agent = None
+    if scenario.conflict_detection != "off":
+        key = load_secret(secret or scenario.conflict_secret or None)
+        if key is None:
+            raise ValueError(f"conflict-detection = {scenario.conflict_detection!r} needs a federation secret on "
+                             f"every client: set ${SECRET_ENV} (or the node config key federation-secret)")
+        agent = ConflictAgent(key, mode=scenario.conflict_detection,
+                              policy=make_policy(scenario.conflict_policy, scenario.conflict_priority),
+                              augment=world_augmentation(bed.world) if scenario.conflict_augment else None,
+                              name=str(partition_id))
+    return EditClient(editor, bed.model, bed.tokenizer, cases_by_round, wire_dtype=scenario.wire_dtype,
+                      residual_guard=scenario.residual_guard, conflict_agent=agent,
+                      secure_aggregation=scenario.secure_aggregation)
 
 
 def client_fn(context: Context):
     scenario = Scenario.from_run_config(context.run_config)
     partition_id = int(context.node_config.get("partition-id", 0))
-    return make_client(scenario, partition_id).to_client()
+    secret = context.node_config.get("federation-secret")
+    return make_client(scenario, partition_id, secret=str(secret) if secret else None).to_client()
 
 
-app = ClientApp(client_fn=client_fn)
+def secure_aggregation_mod(msg, ctxt, call_next):
+    """Flower's ``secaggplus_mod`` when the run config (or this node's config) asks for secure aggregation.
+
+    With the mod in place every edit (TRAIN) message must follow the SecAgg+ stages, and the
+    reply to the fit stage is the masked vector only (the mod clears the plain arrays). A node
+    that must never reply in the clear sets ``secure-aggregation=true`` in its ``--node-config``:
+    then a run without SecAgg+ fails on this node instead of receiving its payload.
+    """
+    from flwr.client.mod import secaggplus_mod
+
+    wanted = bool(ctxt.run_config.get("secure-aggregation", False)) or \
+        str(ctxt.node_config.get("secure-aggregation", "false")).lower() == "true"
+    return secaggplus_mod(msg, ctxt, call_next) if wanted else call_next(msg, ctxt)
+
+
+app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])

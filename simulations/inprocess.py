@@ -81,7 +81,7 @@ def run_in_process(scenario: Scenario, *, output_dir: str | None = None, write: 
         parameters = parameters_to_ndarrays(strategy.update_parameters())
         results = []
         for proxy, client in zip(proxies, clients):
-            arrays, n, metrics = client.fit(parameters, {"server_round": server_round})
+            arrays, n, metrics = client.fit(parameters, strategy.fit_config(server_round, proxy.cid))
             results.append((proxy, fit_result(arrays, n, metrics)))
         strategy.aggregate_fit(server_round, results, [])
         seconds.append(time.perf_counter() - started)

@@ -30,6 +30,19 @@ Every key of the run config has a field here (hyphens become underscores)::
     beta1 = 1.0
     checkpoint-dir = ""          # "" = no checkpoints; else the server state after every round
     resume = false               # true: continue from the checkpoint in checkpoint-dir
+    # knowledge overlap and conflict (CollabEdit 4.2.1-4.2.2; fedke.overlap, fedke.conflict)
+    residual-guard = 0.0         # clients skip requests with ||r|| below this (already in the model); 0 = off
+    conflict-pairs = 0           # per round, cases that get a conflicting twin (same subject+relation)
+    conflict-layout = "cross-client"   # cross-client (twin sent by the next client) | same-client
+    conflict-detection = "off"   # off | hmac (keyed tokens with every payload) | failures (after the fact)
+    conflict-policy = "fcfs"     # fcfs (request timestamp) | fifo (arrival) | priority (conflict-priority)
+    conflict-priority = ""       # comma-separated client names (partition ids), highest first
+    conflict-secret = ""         # SIMULATION ONLY (the server reads the run config too); deployments
+                                 # set FEDKE_FEDERATION_SECRET or node config federation-secret on clients
+    conflict-augment = true      # winners re-edit with more templates, paraphrases and related facts
+    # secure aggregation (fedke.strategies.secagg): CollabEdit's sums through Flower's SecAgg+
+    secure-aggregation = false   # true: the server only ever sees sum R_i K_i^T and sum K_i K_i^T (collabedit only)
+    secagg-clip = 8.0            # SecAgg+ clipping range c; payloads are scaled into [-c, c] by public bounds
 
 Multi-round numbering: Flower counts rounds from 1. With ``forgetting = true`` Flower round 1 is
 the paper's round 0 (the old requests E_o, ``num-clients x edits-per-client`` of them, from
@@ -52,7 +65,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -61,6 +74,7 @@ from fedke.data.world import World, WorldConfig
 from fedke.worldmodel import WorldModelConfig
 
 STRATEGY_NAMES = ("collabedit", "fedavg", "task_arithmetic", "ties", "global")
+CONFLICT_LAYOUTS = ("cross-client", "same-client")
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -93,6 +107,16 @@ class Scenario:
     beta1: float = 1.0
     checkpoint_dir: str = ""
     resume: bool = False
+    residual_guard: float = 0.0
+    conflict_pairs: int = 0
+    conflict_layout: str = "cross-client"
+    conflict_detection: str = "off"
+    conflict_policy: str = "fcfs"
+    conflict_priority: str = ""
+    conflict_secret: str = ""
+    conflict_augment: bool = True
+    secure_aggregation: bool = False
+    secagg_clip: float = 8.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_NAMES:
@@ -105,6 +129,14 @@ class Scenario:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         self._check_multiround()
+        self._check_overlap_conflict()
+        if self.secure_aggregation and (self.strategy != "collabedit" or self.num_clients < 2):
+            raise ValueError("secure-aggregation = true needs strategy collabedit with at least 2 clients "
+                             f"(SecAgg+ sums; got strategy {self.strategy!r}, {self.num_clients} client(s))")
+        if self.secure_aggregation and self.conflict_detection != "off":
+            raise ValueError("secure-aggregation = true cannot run conflict detection (it needs per-client replies)")
+        if not self.secagg_clip > 0:
+            raise ValueError(f"secagg-clip must be positive, got {self.secagg_clip}")
         capacity = self.world_subjects * self.world_relations
         if self.total_edits > capacity:
             raise ValueError(f"the scenario edits {self.total_edits} facts but the world has only {capacity} "
@@ -135,6 +167,20 @@ class Scenario:
             raise ValueError(f"{self.num_rounds - 1} new rounds of {per_round} requests need "
                              f"{per_round * (self.num_rounds - 1)} (subject, relation) pairs unrelated to the old set; "
                              f"the world guarantees only {new_capacity}: raise world-subjects or lower the edits")
+
+    def _check_overlap_conflict(self) -> None:
+        """The residual-guard and conflict keys (see the module docstring)."""
+        if not self.residual_guard >= 0:
+            raise ValueError(f"residual-guard must be >= 0, got {self.residual_guard}")
+        if self.conflict_layout not in CONFLICT_LAYOUTS:
+            raise ValueError(f"conflict-layout must be one of {CONFLICT_LAYOUTS}, got {self.conflict_layout!r}")
+        if self.conflict_detection not in ("off", "hmac", "failures"):
+            raise ValueError(f"conflict-detection must be 'off', 'hmac' or 'failures', got {self.conflict_detection!r}")
+        if self.conflict_policy not in ("fcfs", "fifo", "priority"):
+            raise ValueError(f"conflict-policy must be 'fcfs', 'fifo' or 'priority', got {self.conflict_policy!r}")
+        if not 0 <= self.conflict_pairs <= self.num_clients * self.edits_per_client:
+            raise ValueError(f"conflict-pairs must be in 0..num-clients x edits-per-client "
+                             f"({self.num_clients * self.edits_per_client}), got {self.conflict_pairs}")
 
     @property
     def dynamic_covariance(self) -> tuple[float, float] | None:
@@ -248,6 +294,8 @@ def deal_cases(scenario: Scenario, world: World) -> dict[tuple[int, int], list[E
             continue
         for client in range(scenario.num_clients):
             dealt[client, server_round] = pool[client * scenario.edits_per_client:(client + 1) * scenario.edits_per_client]
+    if scenario.conflict_pairs:
+        dealt = inject_conflicts(scenario, world, dealt)
     return dealt
 
 
@@ -273,3 +321,51 @@ def forgetting_cases(scenario: Scenario, world: World) -> list[EditCase]:
                          f"{len(old)} old and {len(fresh)} unrelated new (subject, relation) pairs available")
     return [world.edit_case(subject, relation_id, rng=rng, case_id=i)
             for i, (subject, relation_id) in enumerate(old + fresh)]
+
+
+def inject_conflicts(scenario: Scenario, world: World,
+                     dealt: dict[tuple[int, int], list[EditCase]]) -> dict[tuple[int, int], list[EditCase]]:
+    """Knowledge conflicts (CollabEdit 3.3.1, Table 7): ``conflict-pairs`` cases per round get a twin
+    E' with the same subject and relation and a different new object (neither the case's nor the
+    true one), sent in the same round by the next client (``"cross-client"``) or by the same
+    client (``"same-client"``; always so with one client).
+
+    The cases picked are the first of each client in turn (client 0's first, client 1's first,
+    ...). Every case of the round gets ``extra["timestamp"]`` (round index + a seeded fraction:
+    when the request was made, for FCFS); each case of a pair names the other in
+    ``extra["conflicts_with"]`` (ground truth for benchmarks; clients never send it). A twin keeps
+    the case's prompt, paraphrases and neighbourhood prompts (as the paper's generated conflict
+    objects do); its case id is the original's with ``"'"`` appended.
+    """
+    rng = random.Random(f"conflict/{scenario.seed}")
+    out = {key: list(cases) for key, cases in dealt.items()}
+    clients = sorted({client for client, _ in out})
+    for server_round in sorted({r for _, r in out}):
+        for client in clients:
+            out[client, server_round] = [_stamped(case, server_round - 1 + rng.random())
+                                         for case in out.get((client, server_round), [])]
+        order = [(client, j) for j in range(max(len(out[c, server_round]) for c in clients)) for client in clients
+                 if j < len(out[client, server_round])]
+        twins: dict[int, list[EditCase]] = {}
+        for client, j in order[:scenario.conflict_pairs]:
+            case = out[client, server_round][j]
+            relation = world.relation_by_id[case.relation_id]
+            choices = [o for o in relation.objects if o not in (case.request.target_new, case.request.target_true)]
+            twin_id = f"{case.case_id}'"
+            new_object = rng.choice(choices)
+            # the same prompt, paraphrases and neighbours: only the new object differs
+            twin = replace(case, case_id=twin_id, attribute_prompts=(),
+                           request=replace(case.request, target_new=new_object, case_id=twin_id),
+                           extra={**dict(case.extra), "target_new_id": new_object})
+            twin = _stamped(twin, server_round - 1 + rng.random(), conflicts_with=case.case_id)
+            out[client, server_round][j] = _stamped(case, case.extra["timestamp"], conflicts_with=twin_id)
+            same = scenario.conflict_layout == "same-client" or len(clients) == 1
+            holder = client if same else clients[(clients.index(client) + 1) % len(clients)]
+            twins.setdefault(holder, []).append(twin)
+        for holder, extra_cases in twins.items():
+            out[holder, server_round] = out[holder, server_round] + extra_cases
+    return out
+
+
+def _stamped(case: EditCase, timestamp: float, **extra: Any) -> EditCase:
+    return replace(case, extra={**dict(case.extra), "timestamp": float(timestamp), **extra})

@@ -14,6 +14,7 @@ from flwr.common import Context
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from fedke.codec import LayerSpec
+from fedke.conflict import ConflictCoordinator
 from fedke.strategies import make_strategy
 
 from .results import ResultsWriter
@@ -34,6 +35,9 @@ def build_strategy(scenario: Scenario, *, evaluate: bool = True, writer: Results
                   fraction_evaluate=1.0 if wait_for_clients else 0.0, wire_dtype=scenario.wire_dtype, **scenario.strategy_kwargs())
     if scenario.strategy_class_name == "collabedit":
         kwargs["regularisers"] = editor.regularisers()
+    if scenario.conflict_detection != "off":
+        kwargs["conflict_coordinator"] = ConflictCoordinator(scenario.conflict_policy,
+                                                             priority=scenario.conflict_priority)
     if evaluate:
         kwargs["evaluate_fn"] = oracle_evaluate_fn(scenario, writer)
     if writer is not None:
@@ -41,7 +45,22 @@ def build_strategy(scenario: Scenario, *, evaluate: bool = True, writer: Results
                                                                               request_set="merge")
         # the clients' own evaluation of their requests, combined weighted by their counts
         kwargs["on_evaluate_end"] = lambda server_round, metrics: _record_and_write(writer, server_round, metrics)
+    if scenario.secure_aggregation:
+        return _secagg_strategy(scenario, bed, specs, kwargs)
     return make_strategy(scenario.strategy_class_name, **kwargs)
+
+
+def _secagg_strategy(scenario: Scenario, bed, specs, kwargs):
+    """CollabEdit over SecAgg+ with public bounds from the world model (:func:`fedke.strategies.secagg.default_bounds`)."""
+    from fedke.editing.presets import get_module
+    from fedke.editing.weights import weight_matrix
+    from fedke.strategies.secagg import CollabEditSecAgg, default_bounds
+
+    weights = {spec.name: weight_matrix(get_module(bed.model, spec.name)).detach().double().cpu().numpy()
+               for spec in specs}
+    bounds = default_bounds(kwargs["regularisers"], weights, lam=scenario.lam,
+                            max_edits=scenario.edits_per_client + scenario.conflict_pairs, clip=scenario.secagg_clip)
+    return CollabEditSecAgg(bounds=bounds, max_clients=scenario.num_clients, **kwargs)
 
 
 def _record_and_write(writer: ResultsWriter, server_round: int, metrics) -> None:
@@ -91,4 +110,31 @@ def server_fn(context: Context) -> ServerAppComponents:
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=num_rounds))
 
 
-app = ServerApp(server_fn=server_fn)
+app = ServerApp()
+
+
+def _find_secagg(strategy):
+    """The CollabEditSecAgg inside ``strategy`` (it may be wrapped, e.g. by the checkpointing wrapper)."""
+    from fedke.strategies.secagg import CollabEditSecAgg
+
+    while strategy is not None and not isinstance(strategy, CollabEditSecAgg):
+        strategy = getattr(strategy, "inner", None)
+    return strategy
+
+
+@app.main()
+def main(grid, context: Context) -> None:
+    """Plain runs: exactly what ``ServerApp(server_fn=server_fn)`` does (the legacy server loop).
+    ``secure-aggregation = true``: the default workflow with ``SecAggPlusWorkflow`` as its fit stage."""
+    components = server_fn(context)
+    if not Scenario.from_run_config(context.run_config).secure_aggregation:
+        from flwr.server.compat import start_grid
+
+        start_grid(server=components.server, config=components.config, strategy=components.strategy,
+                   client_manager=components.client_manager, grid=grid)
+        return
+    from flwr.server import LegacyContext
+    from flwr.server.workflow import DefaultWorkflow
+
+    legacy = LegacyContext(context, config=components.config, strategy=components.strategy)
+    DefaultWorkflow(fit_workflow=_find_secagg(components.strategy).workflow())(grid, legacy)

@@ -254,7 +254,8 @@ def weighted_metrics_average(pairs: Sequence[tuple[int, Mapping[str, Scalar]]]) 
 
 
 def residual_norm_summary(norms: Sequence[np.ndarray]) -> dict[str, float]:
-    """Mean, median and max of the per-request residual norms (CollabEdit eq. 6 overlap detector).
+    """The distribution of the per-request residual norms (CollabEdit eq. 6 overlap detector):
+    mean, min, 10th percentile, median, 90th percentile, max and count.
 
     Empty when no request reported a norm.
     """
@@ -263,7 +264,10 @@ def residual_norm_summary(norms: Sequence[np.ndarray]) -> dict[str, float]:
         return {}
     return {
         "residual_norm_mean": float(flat.mean()),
+        "residual_norm_min": float(flat.min()),
+        "residual_norm_p10": float(np.percentile(flat, 10)),
         "residual_norm_median": float(np.median(flat)),
+        "residual_norm_p90": float(np.percentile(flat, 90)),
         "residual_norm_max": float(flat.max()),
         "residual_norm_count": int(flat.size),
     }
@@ -343,6 +347,10 @@ class EditMergeStrategy(Strategy, ABC):
     psd_tol : float | None (default: 1e-6)
         Tolerance of the codec's positive semi-definite check of each ``K K^T`` (one Cholesky,
         ``O(d_in^3)`` per layer and client); None skips it.
+    conflict_coordinator : fedke.conflict.ConflictCoordinator | None (default: None)
+        Private conflict detection and resolution: it reads the opaque HMAC claims clients put in
+        their fit metrics, adds ``conflict_*`` / ``overlap_*`` counts to the round's metrics and
+        puts each client's decisions in that client's next fit config. It sees tokens only.
     """
 
     #: Per-layer arrays every payload must carry (passed to ``decode_payload(require=...)``).
@@ -368,6 +376,7 @@ class EditMergeStrategy(Strategy, ABC):
         on_evaluate_end: RoundEndFn | None = None,
         initial_update: Mapping[str, np.ndarray] | None = None,
         psd_tol: float | None = 1e-6,
+        conflict_coordinator: Any | None = None,
     ) -> None:
         super().__init__()
         self.layer_specs: tuple[LayerSpec, ...] = _check_layer_specs(layer_specs)
@@ -407,6 +416,7 @@ class EditMergeStrategy(Strategy, ABC):
         self.evaluate_fn = evaluate_fn
         self.on_round_end = on_round_end
         self.on_evaluate_end = on_evaluate_end
+        self.conflict_coordinator = conflict_coordinator
 
         if initial_update is None:
             self.global_update: dict[str, np.ndarray] = {
@@ -504,17 +514,24 @@ class EditMergeStrategy(Strategy, ABC):
         ``parameters`` (the server's copy) is ignored: :attr:`global_update` is the source of truth.
         Config: ``{"server_round": server_round, **on_fit_config_fn(server_round)}``.
         """
-        config: dict[str, Scalar] = {"server_round": server_round}
-        if self.on_fit_config_fn is not None:
-            config.update(self.on_fit_config_fn(server_round))
-        fit_ins = FitIns(self.update_parameters(), config)
+        parameters = self.update_parameters()
         clients = sample_clients(
             client_manager,
             fraction=self.fraction_fit,
             min_clients=self.min_fit_clients,
             min_available_clients=self.min_available_clients,
         )
-        return [(client, fit_ins) for client in clients]
+        return [(client, FitIns(parameters, self.fit_config(server_round, _cid(client)))) for client in clients]
+
+    def fit_config(self, server_round: int, cid: str | None = None) -> dict[str, Scalar]:
+        """One client's fit config: ``{"server_round": ..., **on_fit_config_fn(server_round)}`` plus,
+        with a conflict coordinator, the decisions about that client's own claims (sent once)."""
+        config: dict[str, Scalar] = {"server_round": server_round}
+        if self.on_fit_config_fn is not None:
+            config.update(self.on_fit_config_fn(server_round))
+        if self.conflict_coordinator is not None and cid is not None:
+            config.update(self.conflict_coordinator.fit_config(cid))
+        return config
 
     def aggregate_fit(
         self,
@@ -540,6 +557,7 @@ class EditMergeStrategy(Strategy, ABC):
         n_accepted = 0
         n_edits = 0
         norms: list[np.ndarray] = []
+        n_skipped: int | None = None
         decode_seconds = 0.0
         merge_seconds = 0.0
         error: str | None = None
@@ -574,6 +592,14 @@ class EditMergeStrategy(Strategy, ABC):
             n_edits += int(payload.n_edits)
             norms.append(payload.residual_norms)
             del payload
+            client_metrics = getattr(fit_res, "metrics", None) or {}
+            if _is_number(client_metrics.get("n_skipped")):
+                n_skipped = (n_skipped or 0) + int(client_metrics["n_skipped"])
+            if self.conflict_coordinator is not None:
+                try:
+                    self.conflict_coordinator.observe(server_round, cid, client_metrics)
+                except ValueError as bad:
+                    log(WARNING, "round %s: ignored the conflict claims of client %s: %s", server_round, cid, bad)
 
         parameters = None
         merged: dict[str, np.ndarray] | None = None
@@ -618,6 +644,10 @@ class EditMergeStrategy(Strategy, ABC):
         if error is not None:
             metrics["error"] = _short(error)
         metrics.update(residual_norm_summary(norms))
+        if n_skipped is not None:
+            metrics["n_skipped"] = n_skipped
+        if self.conflict_coordinator is not None:
+            metrics.update(self.conflict_coordinator.end_round(server_round))
         metrics["aggregate_seconds"] = time.perf_counter() - started
         log(
             INFO,
