@@ -9,7 +9,6 @@ checkpoints or caches.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -19,7 +18,8 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
 
-from fedke.codec import LayerSpec, encode_payload, pack_upper, unpack_upper
+from fedke.badpayloads import bad_payload_corpus, fit_res
+from fedke.codec import LayerSpec, encode_payload
 from fedke.merge import global_edit
 from fedke.payload import EditPayload, LayerPayload
 from fedke.strategies import CollabEdit, FedAvg
@@ -52,105 +52,7 @@ def good_payload(seed: int, n_edits: int = 3) -> EditPayload:
     return EditPayload(layers=layers, n_edits=n_edits, residual_norms=np.ones(n_edits))
 
 
-def fit_res(arrays, n=3, code=Code.OK, message="") -> FitRes:
-    return FitRes(Status(code, message), ndarrays_to_parameters(arrays), n, {})
-
-
-def raw_res(tensors: list[bytes], n=3) -> FitRes:
-    return FitRes(Status(Code.OK, ""), Parameters(tensors=tensors, tensor_type="numpy.ndarray"), n, {})
-
-
-# ----------------------------------------------------------------------------- the corpus
-
-def _good_arrays():
-    return encode_payload(good_payload(9))
-
-
-def _manifest(arrays, edit):
-    manifest = json.loads(arrays[0].tobytes())
-    edit(manifest)
-    return [np.frombuffer(json.dumps(manifest).encode(), np.uint8).copy(), *arrays[1:]]
-
-
-def _set(arrays, index, value):
-    out = list(arrays)
-    array = out[index].copy()
-    array.flat[0] = value
-    out[index] = array
-    return out
-
-
-def _replace(arrays, index, array):
-    out = list(arrays)
-    out[index] = array
-    return out
-
-
-def _negative_eigenvalue(arrays):
-    kkt = unpack_upper(arrays[2].astype(np.float64), 8)
-    kkt[0, 0] -= 3.0 * np.trace(kkt)
-    return _replace(arrays, 2, pack_upper(kkt).astype(np.float32))
-
-
-def _other_layers(arrays):
-    return _manifest(arrays, lambda m: m["layers"][1].update(name="h.7.mlp.c_proj"))
-
-
-def _missing_layer():
-    payload = good_payload(9)
-    return encode_payload(EditPayload(layers={SPECS[0].name: payload.layers[SPECS[0].name]}, n_edits=3,
-                                      residual_norms=np.ones(3)))
-
-
-def _extra_layer():
-    payload = good_payload(9)
-    layers = dict(payload.layers)
-    layers["h.3.mlp.c_proj"] = payload.layers[SPECS[0].name]
-    return encode_payload(EditPayload(layers=layers, n_edits=3, residual_norms=np.ones(3)))
-
-
-def _truncated_bytes():
-    tensors = list(ndarrays_to_parameters(_good_arrays()).tensors)
-    tensors[1] = tensors[1][: len(tensors[1]) // 2]
-    return raw_res(tensors)
-
-
-def _pickled_object_array():
-    """An object array saved WITH pickle by a malicious client: loading it would run code."""
-    tensors = list(ndarrays_to_parameters(_good_arrays()).tensors)
-    buffer = io.BytesIO()
-    np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    tensors[1] = buffer.getvalue()
-    return raw_res(tensors)
-
-
-# (case, reply or failure builder, reason fragment). "failure" entries go to Flower's failures list.
-CORPUS = [
-    ("NaN", lambda: fit_res(_set(_good_arrays(), 1, np.nan)), r"delta: 1 non-finite values \(1 NaN"),
-    ("Inf", lambda: fit_res(_set(_good_arrays(), 2, np.inf)), r"kkt: 1 non-finite values \(0 NaN, 1 Inf"),
-    ("wrong shape", lambda: fit_res(_replace(_good_arrays(), 1, _good_arrays()[1][:, :-1].copy())), "wrong shape"),
-    ("wrong layer set (renamed)", lambda: fit_res(_other_layers(_good_arrays())), r"unexpected layers \['h.7.mlp.c_proj'\]"),
-    ("missing layer", lambda: fit_res(_missing_layer()), r"missing layers \['h.2.mlp.c_proj'\]"),
-    ("extra layer", lambda: fit_res(_extra_layer()), r"unexpected layers \['h.3.mlp.c_proj'\]"),
-    ("missing manifest key", lambda: fit_res(_manifest(_good_arrays(), lambda m: m.pop("n_edits"))), "n_edits"),
-    ("missing layer key", lambda: fit_res(_manifest(_good_arrays(), lambda m: m["layers"][0].pop("arrays"))), "lists arrays"),
-    ("extra manifest key", lambda: fit_res(_manifest(_good_arrays(), lambda m: m.update(code="exec"))), r"unexpected keys \['code'\]"),
-    ("extra layer key", lambda: fit_res(_manifest(_good_arrays(), lambda m: m["layers"][0].update(hook=1))), r"unexpected keys \['hook'\]"),
-    ("extra array", lambda: fit_res(_good_arrays() + [np.zeros(4, np.float32)]), "extra arrays"),
-    ("wrong dtype (int)", lambda: fit_res(_replace(_good_arrays(), 1, _good_arrays()[1].astype(np.int64))), "wrong dtype int64"),
-    ("wrong dtype (vs manifest)", lambda: fit_res(_replace(_good_arrays(), 1, _good_arrays()[1].astype(np.float64))),
-     "dtype float64 but the manifest says float32"),
-    ("asymmetric kkt (sent unpacked)", lambda: fit_res(_replace(_good_arrays(), 2, np.triu(np.ones((8, 8), np.float32)))),
-     "kkt: wrong shape"),
-    ("negative eigenvalue", lambda: fit_res(_negative_eigenvalue(_good_arrays())), "not positive semi-definite"),
-    ("absurd norm", lambda: fit_res(_replace(_good_arrays(), 3, _good_arrays()[3] * 1e8)), "absurd norm"),
-    ("empty reply", lambda: raw_res([]), "empty reply"),
-    ("truncated bytes", _truncated_bytes, "not plain NumPy arrays"),
-    ("pickled object array", _pickled_object_array, "not plain NumPy arrays"),
-    ("error status", lambda: fit_res(_good_arrays(), code=Code.FIT_NOT_IMPLEMENTED, message="boom"), "reply status"),
-    ("client raises", lambda: ("failure", RuntimeError("ClientApp raised ValueError: editing failed")), "RuntimeError"),
-    ("client times out", lambda: ("failure", TimeoutError("no reply within round_timeout")), "TimeoutError"),
-]
+CORPUS = bad_payload_corpus(good_payload(9))
 
 
 def _strategy(kind: str):
@@ -169,15 +71,15 @@ def _reference(kind: str) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", ["collabedit", "fedavg"])
-@pytest.mark.parametrize("case, make, reason", CORPUS, ids=[c[0] for c in CORPUS])
-def test_a_bad_reply_is_rejected_and_the_round_goes_on(kind, case, make, reason, caplog):
+@pytest.mark.parametrize("case", CORPUS, ids=[c.name for c in CORPUS])
+def test_a_bad_reply_is_rejected_and_the_round_goes_on(kind, case, caplog):
     strategy = _strategy(kind)
-    bad = make()
+    reason = case.reason
     results, failures = _good_replies(), []
-    if isinstance(bad, tuple) and bad[0] == "failure":
-        failures.append(bad[1])
+    if case.failure is not None:
+        failures.append(case.failure)
     else:
-        results.insert(1, (Proxy("bad"), bad))
+        results.insert(1, (Proxy("bad"), case.reply))
     with caplog.at_level(logging.WARNING):
         _, metrics = strategy.aggregate_fit(1, results, failures)
     assert metrics["applied"] and metrics["n_accepted"] == 2
@@ -202,12 +104,11 @@ def test_a_round_of_only_bad_replies_changes_nothing(kind, caplog):
     before = {name: array.tobytes() for name, array in strategy.global_update.items()}
     kkt_before = {name: a.tobytes() for name, a in getattr(strategy, "kkt_total", {}).items()}
     results, failures = [], []
-    for i, (_, make, _) in enumerate(CORPUS):
-        bad = make()
-        if isinstance(bad, tuple) and bad[0] == "failure":
-            failures.append(bad[1])
+    for i, case in enumerate(CORPUS):
+        if case.failure is not None:
+            failures.append(case.failure)
         else:
-            results.append((Proxy(f"bad-{i}"), bad))
+            results.append((Proxy(f"bad-{i}"), case.reply))
     with caplog.at_level(logging.WARNING):
         _, metrics = strategy.aggregate_fit(2, results, failures)
     assert not metrics["applied"] and metrics["n_accepted"] == 0
