@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from fedke.conflict import (
@@ -330,3 +331,25 @@ def test_conflict_round_end_to_end(tiny_bed, cache_dir, tmp_path):
     before, after = table4(one), table4(strategy.global_update)
     assert after["Avg-DeltaP"] > before["Avg-DeltaP"] and after["Avg-DeltaP"] > 0
     assert after["Succ"] >= before["Succ"]
+
+
+def test_after_the_fact_mode_reports_failing_requests_only(tiny_bed):
+    """``"failures"``: the client checks its earlier requests on the global model it receives and
+    reports how many fail, with the tokens of those only; with their edit merged, fewer fail."""
+    from fedke.codec import encode_update
+    from fedke.simulations.client import EditClient
+
+    editor = tiny_bed.editor(lam=30.0)
+    cases = tiny_bed.world.edit_cases(4, seed=21)
+    agent = ConflictAgent(SECRET, mode="failures", name="0")
+    client = EditClient(editor, tiny_bed.model, tiny_bed.tokenizer, {1: cases}, conflict_agent=agent)
+    arrays, n, metrics = client.fit([], {"server_round": 1})
+    assert n == 4 and CLAIMS_KEY not in metrics  # nothing edited before: nothing to report yet
+    zeros = encode_update({name: np.zeros(shape) for name, shape in editor.layer_shapes().items()})
+    _, n, metrics = client.fit(zeros, {"server_round": 2})  # the edit was never merged: all fail
+    body = decode_claims(metrics[CLAIMS_KEY])
+    assert n == 0 and body["failed"] == 4
+    assert [c[:2] for c in body["claims"]] == [agent.tokens(c) for c in cases]
+    merged = encode_update(editor.edit([c.request for c in cases]).deltas())
+    body = decode_claims(client.fit(merged, {"server_round": 2})[2][CLAIMS_KEY])
+    assert body["failed"] < 4 and len(body["claims"]) == body["failed"]
