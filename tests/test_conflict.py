@@ -353,3 +353,39 @@ def test_after_the_fact_mode_reports_failing_requests_only(tiny_bed):
     merged = encode_update(editor.edit([c.request for c in cases]).deltas())
     body = decode_claims(client.fit(merged, {"server_round": 2})[2][CLAIMS_KEY])
     assert body["failed"] < 4 and len(body["claims"]) == body["failed"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_conflict_rounds_under_flwr_run_match_the_in_process_loop(tiny_bed, cache_dir, tmp_path, monkeypatch):
+    """The same two conflict rounds through a real ``flwr run``: claims travel in the fit metrics,
+    decisions in each client's own fit config (Ray actors rebuild the clients every round)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from fedke.simulations.inprocess import run_in_process
+    from fedke.simulations.launch import load_run_config, processes_with_flwr_home, run_app
+    from fedke.simulations.scenario import Scenario
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    repo = Path(__file__).resolve().parents[1]
+    config = load_run_config(repo / "simulations" / "presets" / "tiny.toml")
+    config.update({"conflict-pairs": 3, "conflict-detection": "hmac", "cache-dir": str(cache_dir),
+                   "conflict-secret": "flwr-run-federation-secret-01", "output-dir": str(tmp_path / "out")})
+    home = (tmp_path / "flwr-home").resolve()
+    try:
+        result = run_app(repo, num_supernodes=3, run_config=config, flwr_home=home, timeout_s=300, stream=False)
+    finally:
+        assert not processes_with_flwr_home(home)
+    assert result.ok and result.status_text == "finished:completed", result.log_tail()
+    table = pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False)
+    merge = table[table.request_set == "merge"]
+    keys = ("n_edits", "conflict_claims", "conflict_collisions", "conflict_cross_client")
+    flower = {(int(r["round"]), r["metric"]): r["value"] for _, r in merge.iterrows() if r["metric"] in keys}
+    scenario = Scenario.from_run_config({k: v for k, v in config.items()})
+    local = run_in_process(replace(scenario, output_dir=str(tmp_path / "local")), write=False, evaluate=False)
+    for metrics in local.strategy.round_metrics:
+        for key in keys:
+            assert flower[metrics["server_round"], key] == metrics[key], key
+    assert flower[2, "n_edits"] > flower[1, "n_edits"]  # round 2 carries the winners' augmented re-edits
