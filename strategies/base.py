@@ -545,7 +545,9 @@ class EditMergeStrategy(Strategy, ABC):
         ``n_accepted``, ``n_rejected``, ``n_failures``, ``n_edits`` (accepted), ``applied``,
         ``decode_seconds``, ``merge_seconds``, ``aggregate_seconds``, ``update_norm`` (Frobenius
         norm of this round's update over all layers, 0 if not applied), ``global_update_norm`` and,
-        when clients reported them, ``residual_norm_mean/median/max/count``.
+        when clients reported them, ``residual_norm_mean/min/p10/median/p90/max/count``; ``n_skipped``
+        (requests the clients' residual guard skipped) when reported; with a conflict coordinator,
+        its ``conflict_*`` / ``overlap_*`` counts (:meth:`fedke.conflict.ConflictCoordinator.end_round`).
         """
         started = time.perf_counter()
         self.last_failures = [describe_failure(failure) for failure in failures]

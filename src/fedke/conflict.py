@@ -23,9 +23,11 @@ remedy has two stages:
    pluggable :class:`ResolutionPolicy` (:class:`FCFS` by request timestamp, :class:`FIFO` by
    arrival at the server, :class:`ClientPriority` from a list) picks the winning object. The next
    round's fit config tells each involved client, and only it, which of its own claims won or
-   lost (by token). Losers withdraw theirs; the winner re-edits its request with augmentation
-   (:func:`augment_request`: more templates, paraphrases and the subject's related facts), which
-   overwrites the conflicted fact (a later edit overwrites an earlier one).
+   lost (by token). Losers withdraw theirs: they do not edit or report it again (what they sent
+   is already merged; nothing is rolled back). The winner re-edits its request with augmentation
+   (:func:`augment_request`: more templates, paraphrases and the subject's related facts) against
+   the merged model, which overwrites the conflicted fact (a later edit overwrites an earlier one,
+   CollabEdit footnote 1).
 
 What each mode reveals
 ----------------------
