@@ -236,3 +236,37 @@ def test_rng_states_round_trip_through_json_and_arrays():
     random.random(), np.random.rand(), torch.rand(1)
     restore_rng(arrays, meta)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+@pytest.mark.slow
+def test_flwr_run_resumes_a_crashed_run(scenario, uninterrupted, tmp_path):
+    """A real ``flwr run`` (private SuperLink, simulation engine) continues an in-process run that
+    stopped after round 2, and ends where the uninterrupted run ends."""
+    from fedke.simulations.launch import processes_with_flwr_home, run_app
+    from fedke.simulations.multiround import run_multiround
+
+    repo = Path(__file__).resolve().parents[1]
+    run = replace(scenario, checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"))
+    run_multiround(run, write=False, stop_after=2)
+    assert load_checkpoint(run.checkpoint_dir).round == 2
+    home = (tmp_path / "flwr-home").resolve()
+    try:
+        result = run_app(repo, num_supernodes=run.num_clients, run_config=replace(run, resume=True).to_run_config(),
+                         flwr_home=home, timeout_s=400, stream=False)
+    finally:
+        survivors = processes_with_flwr_home(home)
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"Flower processes {sorted(survivors)} survived the run"
+    assert result.ok and result.status_text == "finished:completed", result.log_tail()
+    final = load_checkpoint(run.checkpoint_dir)
+    assert final.round == ROUNDS and final.finished
+    oracle = [row for row in final.rows if row["request_set"] not in ("merge", "federated")]
+    reference = [row for row in uninterrupted.writer.rows if row["request_set"] != "merge"]
+    got, want = _quality(oracle), _quality(reference)
+    assert list(got.index) == list(want.index)
+    np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=0, atol=1e-6, equal_nan=True)
+    for name, update in uninterrupted.strategy.global_update.items():
+        np.testing.assert_allclose(final.strategy_state["arrays"][f"global_update/{name}"], update, rtol=0, atol=1e-9)
+    table = pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False)
+    assert set(table["round"]) == set(range(1, ROUNDS + 1))
