@@ -16,6 +16,7 @@ from fedke.merge import global_edit
 from fedke.payload import EditPayload, LayerPayload
 from fedke.strategies import CollabEdit, CollabEditSecAgg, SecAggBounds
 from fedke.strategies.secagg import (
+    split_limbs,
     decode_secagg_sum,
     default_bounds,
     encode_secagg,
@@ -73,6 +74,7 @@ def _results(strategy, payloads, *, exact=False):
 
 
 def _secagg(regs, payloads, **kwargs):
+    kwargs.setdefault("limbs", 1)
     return CollabEditSecAgg(layer_specs=SPECS, regularisers=regs, bounds=_bounds(payloads),
                             max_clients=len(payloads), **kwargs)
 
@@ -143,6 +145,23 @@ def test_a_client_refuses_values_beyond_the_public_bound():
         SecAggBounds(kkt=-1.0, rkt=1.0, stats=1.0)
 
 
+def test_two_limbs_put_the_high_limb_on_the_grid_and_lose_almost_nothing():
+    rng = np.random.default_rng(4)
+    t = quantization_range_for(5)
+    values = rng.uniform(-8, 8, size=(30, 20))
+    hi, lo = split_limbs(values, 8.0, t)
+    assert np.abs(hi).max() <= 8 and np.abs(lo).max() <= 8
+    grid = (hi + 8.0) * (t / 16.0)
+    np.testing.assert_array_equal(grid, np.round(grid))  # exactly on SecAgg+'s grid
+    np.testing.assert_allclose(hi + lo / t, values, rtol=0, atol=1e-14)
+    clients = [[rng.uniform(-8, 8, size=(40, 30))] for _ in range(5)]
+    exact = sum(c[0] for c in clients) / 5
+    one = simulate_secagg_mean(clients, clip=8.0, quantization_range=t)[0]
+    limbed = simulate_secagg_mean([list(split_limbs(c[0], 8.0, t)) for c in clients], clip=8.0, quantization_range=t)
+    two = limbed[0] + limbed[1] / t
+    assert np.abs(two - exact).max() < 1e-6 * np.abs(one - exact).max()
+
+
 # ----------------------------------------------------------------------------- the strategy
 
 
@@ -158,11 +177,13 @@ def test_secagg_merge_equals_collabedit_and_never_sees_a_client():
     for s in SPECS:  # the dynamic-covariance state holds the SUM of K K^T only
         np.testing.assert_allclose(secure.kkt_total[s.name], plain.kkt_total[s.name], rtol=1e-10, atol=1e-12)
 
-    quantised = _secagg(regs, payloads)
-    _, metrics = quantised.aggregate_fit(1, _results(quantised, payloads), [])
-    assert metrics["applied"]
-    error = _rel(quantised.global_update, plain.global_update)
-    assert 0 < error < 1e-6, error
+    errors = {}
+    for limbs in (1, 2):
+        quantised = _secagg(regs, payloads, limbs=limbs)
+        _, metrics = quantised.aggregate_fit(1, _results(quantised, payloads), [])
+        assert metrics["applied"]
+        errors[limbs] = _rel(quantised.global_update, plain.global_update)
+    assert 0 < errors[1] < 1e-6 and errors[2] < 1e-4 * errors[1], errors
 
 
 def test_configure_fit_sends_the_public_bounds_and_caps_the_clients():
@@ -187,6 +208,7 @@ def test_configure_fit_sends_the_public_bounds_and_caps_the_clients():
         assert SecAggBounds.from_config(ins.config) == secure.bounds
     workflow = secure.workflow()
     assert (workflow.max_weight, workflow.clipping_range, workflow.quantization_range) == (1.0, 8.0, 2**30)
+    assert secure.bounds.quantization_range == 2**30
 
 
 @pytest.mark.parametrize("problem", ["weights", "layout", "count", "too_many"])
@@ -246,7 +268,7 @@ def test_world_secagg_matches_plain_collabedit(tiny_bed, cache_dir):
 
     scenario = Scenario.from_preset("tiny", num_rounds=1, num_clients=5, cache_dir=str(cache_dir))
     result = compare_secagg(scenario)
-    assert 0 < result.rel_error < 1e-3, result.rel_error
+    assert result.rel_error < 1e-9, result.rel_error  # two limbs: float64 rounding
     assert abs(result.score_plain - result.score_secagg) <= 0.5
     assert result.strategy.last_count_check == pytest.approx(1.0, abs=1e-6)
 
