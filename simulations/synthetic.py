@@ -10,7 +10,10 @@ The app (:data:`server_app`, :data:`client_app`) runs CollabEdit over such paylo
 whose components point at this module. Run-config keys: ``d-in``, ``d-out``, ``layers``,
 ``edits``, ``lam``, ``num-rounds``, ``wire-dtype``, ``send-delta``, ``psd-check``, ``report``
 (a JSON file the ServerApp writes after each round: bytes per client, seconds, the server's
-peak RSS, the update's norm). A client's partition id (node config) seeds its payload.
+peak RSS, the update's norm), ``num-clients`` (the server waits for them), and for robustness
+tests ``fail-partition`` (that client raises), ``slow-partition`` (that client sleeps 10 x
+``round-timeout``) and ``round-timeout`` (seconds; 0 = none). A client's partition id (node
+config) seeds its payload.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- the Flower app
 
 DEFAULTS: dict[str, Any] = {"d-in": 6400, "d-out": 1600, "layers": 5, "edits": 16, "lam": 1.0, "num-rounds": 1,
-                            "wire-dtype": "float32", "send-delta": False, "psd-check": False, "report": ""}
+                            "wire-dtype": "float32", "send-delta": False, "psd-check": False, "report": "",
+                            "num-clients": 2, "fail-partition": -1, "slow-partition": -1, "round-timeout": 0.0}
 
 
 def _settings(run_config) -> dict[str, Any]:
@@ -92,6 +96,10 @@ def _client_fn(context):
 
     class SyntheticClient(NumPyClient):
         def fit(self, parameters, config):
+            if partition == settings["fail-partition"]:
+                raise RuntimeError(f"synthetic client {partition} fails on purpose")
+            if partition == settings["slow-partition"]:
+                time.sleep(10 * max(1.0, settings["round-timeout"]))  # well past the round timeout
             payload = synthetic_payload(specs, settings["edits"], seed=1000 * int(config.get("server_round", 1)) + partition,
                                         with_delta=settings["send-delta"], lam=settings["lam"])
             arrays = encode_payload(payload, dtype=settings["wire-dtype"], send_delta=settings["send-delta"])
@@ -107,7 +115,7 @@ def _server_fn(context):
 
     settings = _settings(context.run_config)
     specs = synthetic_specs(settings["d-in"], settings["d-out"], settings["layers"])
-    n = int(context.run_config.get("num-clients", 2)) if "num-clients" in context.run_config else 2
+    n = settings["num-clients"]
     report = settings["report"]
     rounds: list[dict] = []
     started = time.perf_counter()
@@ -127,7 +135,8 @@ def _server_fn(context):
                           min_fit_clients=n, min_available_clients=n, min_evaluate_clients=0, fraction_evaluate=0.0,
                           wire_dtype=settings["wire-dtype"], on_round_end=on_round_end,
                           on_fit_config_fn=None)
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=settings["num-rounds"]))
+    timeout = settings["round-timeout"] or None
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=settings["num-rounds"], round_timeout=timeout))
 
 
 server_app = ServerApp(server_fn=_server_fn)
@@ -137,11 +146,10 @@ client_app = ClientApp(client_fn=_client_fn)
 def write_app(directory: str | Path, **config: Any) -> Path:
     """A Flower app directory whose components are this module's apps; ``config`` overrides :data:`DEFAULTS`.
 
-    Also takes ``num-clients`` (the clients the server waits for, default 2).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    values = {**DEFAULTS, "num-clients": 2, **config}
+    values = {**DEFAULTS, **config}
     lines = []
     for key, value in values.items():
         if isinstance(value, bool):
