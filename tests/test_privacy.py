@@ -56,3 +56,31 @@ def test_world_curve_kkt_leaks_less_than_k(tiny_bed):
         assert 0.0 <= kkt <= k <= 1.0
     assert curve["reid_top1"][-1] < curve["reid_top1"][0]
     assert curve["cosine"][-1] < curve["cosine"][0]
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_exactly_the_issue_keys(tiny_bed, cache_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "privacy.json"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "privacy.py"
+    env = {**os.environ, "FEDKE_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(bench), "--quick", "--out", str(out)], check=True, env=env,
+                   capture_output=True, text=True, timeout=900)
+    result = json.loads(out.read_text())
+    assert {k: set(v) for k, v in result.items()} == {
+        "secagg": {"rel_error", "score_plain", "score_secagg", "seconds"},
+        "bad_payloads": {"cases", "rejected", "model_unchanged"},
+        "large_layers": {"bytes_per_client_round", "peak_rss_mb"},
+        "kkt_inversion": {"M", "cosine", "reid_top1"},
+    }
+    assert result["secagg"]["rel_error"] < 1e-3
+    assert abs(result["secagg"]["score_plain"] - result["secagg"]["score_secagg"]) <= 0.5
+    assert result["bad_payloads"]["rejected"] == result["bad_payloads"]["cases"] >= 20
+    assert result["bad_payloads"]["model_unchanged"] is True
+    assert result["kkt_inversion"]["M"] == [1, 2, 4, 8, 16, 32]
+    assert len(result["kkt_inversion"]["cosine"]) == len(result["kkt_inversion"]["reid_top1"]) == 6
