@@ -158,6 +158,7 @@ def run_multiround(scenario: Scenario, *, output_dir: str | None = None, write: 
     """
     writer = ResultsWriter(output_dir or scenario.output_dir, config=scenario.to_run_config(),
                            method=method_label(scenario))
+    writer.summary_set = OLD_SET if scenario.forgetting else "all"
     strategy = build_strategy(scenario, evaluate=False, writer=writer, wait_for_clients=False)
     checkpoint = resume_point(scenario)
     first = restore(checkpoint, strategy, writer) if checkpoint is not None else 1

@@ -31,6 +31,8 @@ class ResultsWriter:
         self.config = dict(config or {})
         self.method = method
         self.rows: list[dict[str, Any]] = []
+        #: The request set ``write()`` and ``print_summary()`` summarise (forgetting runs: ``"old"``).
+        self.summary_set = "all"
         self.started = time.perf_counter()
 
     def record(self, server_round: int, metrics: Mapping[str, Any], *, request_set: str = "all",
@@ -62,7 +64,7 @@ class ResultsWriter:
             atomic_write_bytes(self.output_dir / "results.parquet", frame.to_parquet(index=False))
         except (ImportError, ValueError) as err:  # pyarrow missing: CSV and JSON still hold everything
             log.warning("results.parquet not written: %s", err)
-        summary = self.summary()
+        summary = self.summary(self.summary_set)
         atomic_write_json(self.output_dir / "results.json", {
             "config": self.config, "rows": self.rows, "seconds": time.perf_counter() - self.started,
             "summary": {method: {k: float(v) for k, v in row.items()} for method, row in summary.iterrows()},
@@ -70,7 +72,7 @@ class ResultsWriter:
         return self.output_dir
 
     def print_summary(self, title: str = "fedke results") -> str:
-        summary = self.summary()
+        summary = self.summary(self.summary_set)
         text = f"{title}\n{summary.round(2).to_string() if not summary.empty else '(no metrics)'}\n" \
                f"written to {self.output_dir.resolve()}"
         print(text, flush=True)

@@ -98,6 +98,8 @@ def oracle_evaluate_fn(scenario: Scenario, writer: ResultsWriter | None):
 def server_fn(context: Context) -> ServerAppComponents:
     scenario = Scenario.from_run_config(context.run_config)
     writer = ResultsWriter(scenario.output_dir, config=scenario.to_run_config(), method=scenario.strategy)
+    if scenario.forgetting:
+        writer.summary_set = "old"  # the old edits, whose forgetting the run measures
     strategy = build_strategy(scenario, writer=writer)
     num_rounds = scenario.num_rounds
     if scenario.checkpoint_dir:  # save after every round; resume = true continues the last complete one

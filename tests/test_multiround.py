@@ -151,14 +151,19 @@ def test_collabedit_equals_global_edit_over_rounds_with_dynamic_covariance(forge
 
 
 @pytest.mark.parametrize("method", ["fedavg", "task_arithmetic", "ties"])
-def test_baselines_run_multi_round(forgetting, tiny_bed, method):
+def test_baselines_run_multi_round(forgetting, tiny_bed, method, tmp_path):
+    import json
+
     from fedke.simulations.multiround import run_multiround
 
-    outcome = run_multiround(replace(forgetting, strategy=method, num_rounds=3), write=False)
+    outcome = run_multiround(replace(forgetting, strategy=method, num_rounds=3, output_dir=str(tmp_path)))
     table = outcome.table()
     old = table[(table.request_set == "old") & (table.metric == "Score")]
     assert list(old["round"]) == [1, 2, 3] and old.value.between(0, 100).all()
     assert outcome.strategy.rounds_merged == 3 and set(table.method) == {method}
+    # results.json summarises the old edits after the last round
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert summary[method]["Score"] == pytest.approx(float(old.value.iloc[-1]))
 
 
 def test_state_does_not_grow_with_payloads(collab_runs):
