@@ -66,7 +66,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from logging import ERROR, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -450,6 +450,8 @@ class CollabEditSecAgg(CollabEdit):
             metrics["error"] = problem[:500]
         if self.last_rejections:
             log(WARNING, "round %s: the secure aggregate was rejected: %s", server_round, self.last_rejections[-1][1])
+        log(INFO, "round %s: secure aggregate of %s client(s), %s edits: %s", server_round, n_clients,
+            metrics.get("n_edits", 0), "merged" if metrics.get("applied") else "not merged")
         if self.round_metrics and self.round_metrics[-1].get("server_round") == int(server_round):
             self.round_metrics[-1].update({k: (v if not isinstance(v, np.generic) else v.item()) for k, v in metrics.items()})
         if self.on_round_end is not None:
