@@ -16,8 +16,9 @@ Writes exactly ``{"before", "after_immutable", "after_dynamic", "per_round", "se
 * ``before``: E_o's metrics after round 1 (the paper's "before m rounds"; the same in both runs);
   ``after_immutable`` / ``after_dynamic``: after the last round. Each holds NS, PS, ES, Score,
   NA, PA, EA, AccScore (x100), Table 5's columns.
-* ``per_round``: one entry per run and round: ``covariance``, ``round``, ``seconds``, ``rss_mb``
-  (current), ``peak_rss_mb``, E_o's metrics (``old_<metric>``), and that round's new set's
+* ``per_round``: one entry per run and round: ``covariance``, ``round``, ``seconds`` (wall),
+  ``cpu_seconds`` (this process's CPU time: robust on a shared machine), ``rss_mb`` (current),
+  ``peak_rss_mb``, E_o's metrics (``old_<metric>``), and that round's new set's
   (``new_<metric>``); the last round's entries add ``new_all_<metric>`` (every new request).
 * ``seconds_per_round``: the mean wall-clock time of a round over both runs (edit, merge,
   evaluation, checkpoint).
@@ -72,9 +73,11 @@ def run_one(scenario: Scenario, covariance: str, per_round: list, rss: dict, che
                   checkpoint_dir=str(checkpoint_root / covariance) if checkpoint_root else "",
                   output_dir=str((checkpoint_root or Path(tempfile.gettempdir())) / f"results-{covariance}"))
     seen: dict = {}
+    clock = {"cpu": time.process_time()}
 
     def on_round(server_round: int, metrics: dict, seconds: float) -> None:
-        entry = {"covariance": covariance, "round": server_round, "seconds": seconds,
+        cpu, clock["cpu"] = time.process_time() - clock["cpu"], time.process_time()
+        entry = {"covariance": covariance, "round": server_round, "seconds": seconds, "cpu_seconds": cpu,
                  "rss_mb": current_rss_mb(), "peak_rss_mb": peak_rss_mb()}
         entry.update({f"old_{k}": float(v) for k, v in metrics[OLD_SET].items() if k in TABLE5})
         if server_round > 1:
@@ -162,6 +165,7 @@ def main(argv=None) -> dict:
     runs = [[e for e in per_round if e["covariance"] == cov] for cov in ("immutable", "dynamic")]
     late = [entry["seconds"] for run in runs for entry in (run[-tail - 1:-1] if len(run) > 1 else run)]
     late_mean = sum(late) / len(late)
+    cpu_late = [entry["cpu_seconds"] for run in runs for entry in (run[-tail - 1:-1] if len(run) > 1 else run)]
     final_extra = sum(max(0.0, run[-1]["seconds"] - late_mean) for run in runs) / len(runs)
     projected_h = (1000 * late_mean + final_extra * 1000 / max(1, scenario.num_rounds)) / 3600
     for name in ("Score", "AccScore", "EA"):
@@ -170,7 +174,8 @@ def main(argv=None) -> dict:
     first, last = result["peak_rss_mb"]
     print(f"\nseconds per round {result['seconds_per_round']:.2f} (last {tail} rounds before the final one: "
           f"{late_mean:.2f}; the final round's evaluation of every new set: +{final_extra:.1f} s); "
-          f"projected 1000-round run: {projected_h:.2f} h")
+          f"projected 1000-round run: {projected_h:.2f} h; CPU seconds per round (same rounds): "
+          f"{sum(cpu_late) / len(cpu_late):.2f}")
     print(f"peak RSS after round {min(RSS_ROUND, scenario.num_rounds)}: {first:.0f} MiB, at the end: {last:.0f} MiB "
           f"(x{last / first:.3f}); total {time.perf_counter() - started:.0f} s")
     write_json(args.out, result)
