@@ -137,7 +137,7 @@ _SERVER = r"""
 import json, sys, time, tracemalloc
 from pathlib import Path
 from flwr.common import Code, FitRes, Parameters, Status
-from fedke.simulations.synthetic import synthetic_regularisers, synthetic_specs, peak_rss_mb
+from fedke.simulations.synthetic import synthetic_regularisers, synthetic_specs, peak_rss_mb  # VmHWM
 from fedke.strategies import CollabEdit
 d_in, d_out, layers, n, merge = (int(x) for x in sys.argv[1:6]); folder = Path(sys.argv[6])
 specs = synthetic_specs(d_in, d_out, layers)

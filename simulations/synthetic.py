@@ -72,7 +72,15 @@ def synthetic_payload(specs, n_edits: int, seed: int, *, with_delta: bool = Fals
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (Linux: ru_maxrss is in KiB)."""
+    """This process's peak resident set size in MiB: ``VmHWM`` of ``/proc/self/status`` (the high-water
+    mark of this process's own memory; ``ru_maxrss`` would carry a parent's peak over ``exec``), else
+    ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
