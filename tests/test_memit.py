@@ -91,6 +91,23 @@ def test_batched_targets_do_not_depend_on_batch_mates(tiny_bed):
     np.testing.assert_array_equal(together[0], alone[0])
 
 
+def test_precomputed_targets_give_the_same_payload_and_are_checked(tiny_bed):
+    editor = tiny_bed.editor(v_num_grad_steps=8)
+    requests = _requests(tiny_bed, 4)
+    targets = editor.compute_targets(requests)
+    plain = editor.edit(requests)
+    for lam in (editor.config.lam, 3 * editor.config.lam):
+        other = tiny_bed.editor(v_num_grad_steps=8, lam=lam)
+        reused = other.edit(requests, targets=targets)
+        fresh = other.edit(requests) if lam != editor.config.lam else plain
+        for name in fresh.layers:
+            np.testing.assert_array_equal(reused.layers[name].delta, fresh.layers[name].delta)
+    with pytest.raises(ValueError, match="other requests"):
+        editor.edit(requests[:3], targets=targets)
+    with pytest.raises(ValueError, match="other target settings"):
+        tiny_bed.editor(v_num_grad_steps=9).edit(requests, targets=targets)
+
+
 def test_sequential_differs_from_decoupled(tiny_bed):
     requests = _requests(tiny_bed, 5)
     a = tiny_bed.editor(mode="decoupled").edit(requests)

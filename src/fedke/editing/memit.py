@@ -110,6 +110,16 @@ class EditInternals:
     targets: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Targets:
+    """Optimised target vectors of a batch of requests (:meth:`MemitEditor.compute_targets`)."""
+
+    requests: tuple[tuple[str, str, str], ...]  # (prompt, subject, target_new) of each request
+    z: torch.Tensor  # (M, d_model) float64
+    h_init: torch.Tensor  # (M, d_model) float64, the unedited outputs at the fact token
+    signature: tuple
+
+
 @dataclass
 class _Encoded:
     """Token ids of a batch of prompts and where to read / write at each."""
@@ -168,13 +178,39 @@ class MemitEditor:
         return self._context_templates
 
     def edit(self, requests: Sequence[EditRequest], *, regularisers: Mapping[str, np.ndarray] | None = None,
-             progress: bool = False) -> EditPayload:
+             targets: "Targets | None" = None, progress: bool = False) -> EditPayload:
         """Edit ``requests`` and return the payload; the model is left unchanged.
 
         ``regularisers`` overrides ``lam * C`` per layer (e.g. the dynamic covariance
-        ``beta0 lam C0 + beta1 sum K K^T`` of multi-round CollabEdit).
+        ``beta0 lam C0 + beta1 sum K K^T`` of multi-round CollabEdit). ``targets`` reuses the
+        result of :meth:`compute_targets` for these requests on this model (a lambda or mode
+        sweep then optimises the target vectors once).
         """
-        return self.edit_with_internals(requests, regularisers=regularisers, progress=progress)[0]
+        return self.edit_with_internals(requests, regularisers=regularisers, targets=targets, progress=progress)[0]
+
+    def compute_targets(self, requests: Sequence[EditRequest], *, progress: bool = False) -> "Targets":
+        """Step 1 alone: the target vectors ``z_j`` (and ``h_j``) of ``requests`` on the current model.
+
+        They depend on the requests, the model's current weights, the last edited layer, the
+        fact token and the target-optimisation settings, but not on ``lam``, the mode, the
+        residual split or the other edited layers.
+        """
+        requests = list(requests)
+        if not requests:
+            raise ValueError("no edit requests")
+        self._check_requests(requests)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            z, h_init = self._compute_targets(requests, progress=progress)
+        finally:
+            self.model.train(was_training)
+        return Targets(_request_keys(requests), z, h_init, self._target_signature())
+
+    def _target_signature(self) -> tuple:
+        cfg = self.config
+        return (self.preset.layers[-1], cfg.fact_token, cfg.v_num_grad_steps, cfg.v_lr, cfg.v_weight_decay,
+                cfg.clamp_norm_factor, cfg.kl_factor, cfg.loss_stop, cfg.kl_prompt, self.context_templates())
 
     def keys(self, requests: Sequence[EditRequest], *, batch_size: int = 256) -> dict[str, np.ndarray]:
         """The keys ``K`` (d_in x M, float64) of every edited layer for ``requests``, as an edit
@@ -196,6 +232,7 @@ class MemitEditor:
 
     def edit_with_internals(self, requests: Sequence[EditRequest], *,
                             regularisers: Mapping[str, np.ndarray] | None = None,
+                            targets: "Targets | None" = None,
                             progress: bool = False) -> tuple[EditPayload, EditInternals]:
         """:meth:`edit`, also returning the keys ``K_l``, residuals ``R_l`` and targets ``z``.
 
@@ -205,6 +242,12 @@ class MemitEditor:
         if not requests:
             raise ValueError("no edit requests")
         self._check_requests(requests)
+        if targets is not None:
+            if targets.requests != _request_keys(requests):
+                raise ValueError("targets were computed for other requests (or another order)")
+            if targets.signature != self._target_signature():
+                raise ValueError("targets were computed with other target settings (last layer, fact token, "
+                                 "optimisation hyper-parameters or context templates)")
         regs = dict(self.regularisers())
         if regularisers is not None:
             regs.update({name: np.asarray(a, dtype=np.float64) for name, a in regularisers.items()})
@@ -213,7 +256,10 @@ class MemitEditor:
         applied = []
         internals = EditInternals()
         try:
-            targets, h_init = self._compute_targets(requests, progress=progress)
+            if targets is None:
+                targets, h_init = self._compute_targets(requests, progress=progress)
+            else:
+                targets, h_init = targets.z.to(self.device), targets.h_init.to(self.device)
             internals.targets = targets.cpu().numpy()
             residual_norms = (targets - h_init).norm(dim=1).cpu().numpy().astype(np.float64)
             layers: dict[str, LayerPayload] = {}
@@ -428,6 +474,10 @@ class MemitEditor:
 
 
 # ---------------------------------------------------------------------- helpers
+def _request_keys(requests: Sequence[EditRequest]) -> tuple[tuple[str, str, str], ...]:
+    return tuple((r.prompt, r.subject, r.target_new) for r in requests)
+
+
 def _ridged(cov: np.ndarray, ridge: float) -> np.ndarray:
     """``C + ridge * (tr C / d) I``."""
     if ridge == 0:
