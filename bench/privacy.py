@@ -286,16 +286,31 @@ def bench_kkt_inversion(quick: bool) -> dict:
     return {"M": curve["M"], "cosine": curve["cosine"], "reid_top1": curve["reid_top1"]}
 
 
+SECTIONS = ("secagg", "bad_payloads", "large_layers", "kkt_inversion")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="JSON output path")
     parser.add_argument("--quick", action="store_true", help="tiny world, scaled-down layers")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset of the sections to run; the others are kept from --out")
     args = parser.parse_args(argv)
+    wanted = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; known: {list(SECTIONS)}")
     if args.quick and not os.environ.get("FEDKE_CACHE"):
         log("--quick uses the tiny world model (set FEDKE_CACHE to reuse a cache)")
     started = time.perf_counter()
-    result = {"secagg": bench_secagg(args.quick), "bad_payloads": bench_bad_payloads(),
-              "large_layers": bench_large_layers(args.quick), "kkt_inversion": bench_kkt_inversion(args.quick)}
+    previous = {}
+    if set(wanted) != set(SECTIONS):
+        if not (args.out and Path(args.out).is_file()):
+            parser.error("--sections with a subset needs an existing --out file holding the other sections")
+        previous = json.loads(Path(args.out).read_text())
+    runners = {"secagg": lambda: bench_secagg(args.quick), "bad_payloads": bench_bad_payloads,
+               "large_layers": lambda: bench_large_layers(args.quick), "kkt_inversion": lambda: bench_kkt_inversion(args.quick)}
+    result = {name: runners[name]() if name in wanted else previous[name] for name in SECTIONS}
     log(f"done in {time.perf_counter() - started:.0f} s (peak RSS of this process {peak_rss_mb():.0f} MiB)")
     write_json(args.out, result)
     return 0
