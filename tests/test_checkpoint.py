@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from fedke.simulations.checkpoint import (
     capture_rng,
     load_checkpoint,
     restore_rng,
+    resume_point,
     run_fingerprint,
 )
 from fedke.simulations.scenario import Scenario
@@ -110,15 +110,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(scenario, uninterrupted
 
     # resuming without resume = true is refused (a checkpoint is never overwritten)
     with pytest.raises(CheckpointError, match="set resume = true"):
-        from fedke.simulations.checkpoint import resume_point
-
         resume_point(run)
 
     resumed = subprocess.run(replace_command(command, replace(run, resume=True)), capture_output=True, text=True,
                              env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    lines = resumed.stdout.split()
-    assert f"{crashed.round + 1}" in resumed.stdout and "finished" in lines
+    assert resumed.stdout.splitlines()[-1] == "finished"
     done = [line for line in resumed.stdout.splitlines() if line.startswith("round ")]
     assert done[0] == f"round {crashed.round + 1} done" and done[-1] == f"round {ROUNDS} done"
 
@@ -232,7 +229,6 @@ def test_rng_states_round_trip_through_json_and_arrays():
     arrays, meta = capture_rng()
     meta = json.loads(json.dumps(meta))
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    time.sleep(0)
     random.random(), np.random.rand(), torch.rand(1)
     restore_rng(arrays, meta)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
