@@ -13,7 +13,8 @@ Deployment Engine's processes exactly as separate machines would, only on ``127.
 4. ``flwr run <app> loopback --run-config ... --stream``, then the run's real final status from
    ``flwr list --run-id <id> --format json`` (``flwr run`` exits 0 even when the run failed);
 5. in a ``finally`` every process started here is stopped by its PID (its whole process tree,
-   SIGTERM then SIGKILL), also on error, timeout and Ctrl-C.
+   SIGTERM then SIGKILL), also on error, timeout and Ctrl-C; and should the owner be killed
+   outright, the kernel sends them SIGTERM (``PR_SET_PDEATHSIG``, Linux).
 
 All ports are free loopback ports picked at start; nothing listens on another interface.
 
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -53,6 +56,20 @@ __all__ = ["LoopbackDeployment"]
 log = logging.getLogger(__name__)
 
 CONNECTION = "loopback"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the process that started it dies.
+
+    A ``finally`` cannot run when the owner is killed outright (SIGKILL, or SIGTERM without a
+    handler, e.g. a test runner stopped by ``timeout``); the kernel's parent-death signal still
+    stops the SuperLink and SuperNodes, which then stop their own children.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _flower_config(port: int) -> str:
@@ -103,7 +120,7 @@ class LoopbackDeployment:
         try:
             proc = subprocess.Popen(  # noqa: S603
                 command, env=self.env, cwd=self.home, stdin=subprocess.DEVNULL, stdout=handle,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
             )
         finally:
             handle.close()

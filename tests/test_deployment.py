@@ -108,3 +108,32 @@ def test_deployment_stops_everything_when_the_run_fails(tmp_path, one_thread):
     finally:
         survivors = _kill_survivors(home)
     assert not survivors, f"processes {sorted(survivors)} survived the failed deployment"
+
+
+@needs_proc
+def test_deployment_processes_die_with_their_owner(tmp_path):
+    """The owner killed outright (SIGKILL: no finally runs): the SuperLink and SuperNodes still stop."""
+    import subprocess
+    import sys
+    import time
+
+    home = (tmp_path / "flwr-home").resolve()
+    script = (
+        "import sys, time\n"
+        "from fedke.simulations.deploy import LoopbackDeployment\n"
+        f"d = LoopbackDeployment(2, flwr_home={str(home)!r}).start()\n"
+        "print('started', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "started"
+        assert len(processes_with_flwr_home(home)) >= 3
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 30
+    while processes_with_flwr_home(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = _kill_survivors(home)
+    assert not survivors, f"processes {sorted(survivors)} outlived their owner"
