@@ -7,16 +7,27 @@ server writes, into ``checkpoint-dir``:
   layer (``global_update/<layer>``), CollabEdit's running sum of merged ``K K^T``
   (``kkt_total/<layer>``, what the dynamic covariance of eq. 7 needs), and the RNG states that are
   arrays (``rng/torch``, ``rng/numpy_keys``);
+* ``metrics.jsonl``: an append-only log, one compact JSON line per round holding only what that
+  round added: its metrics rows (tidy long rows, columnar) and the strategy's per-round merge
+  metrics (``round_metrics``);
 * ``checkpoint.json``: the format and version, the completed round and ``num-rounds``, whether the
   run finished, the config fingerprint and the config itself (to name what differs), the strategy's
-  metadata (its ``state_dict()["meta"]``: ``rounds_merged``, per-round merge metrics,
-  hyperparameters), the metrics table so far (tidy long rows, columnar), the rest of the RNG
-  states (Python's ``random``, NumPy's position), and the name and SHA-256 of the safetensors file.
+  metadata but its per-round metrics (``rounds_merged``, hyperparameters), the rest of the RNG
+  states (Python's ``random``, NumPy's position), the name and SHA-256 of the safetensors file,
+  and the committed prefix of the metrics log: its length in bytes, lines, rows, and a hash chain
+  over its lines (``h_i = SHA-256(h_{i-1} || line_i)``, ``h_0`` empty).
 
-Writes are atomic and ordered: the safetensors file is written (temp file + rename) under a new
-name first; ``checkpoint.json``, written the same way, is the commit point; only then is the
-previous round's safetensors file deleted. A crash at any moment leaves the last complete round
-readable. No pickle anywhere.
+Every file a round writes has a size independent of the round number, so a checkpoint costs the
+same at round 1,000 as at round 1 (the log is read whole only on resume).
+
+Writes are ordered: the safetensors file is written atomically (temp file + rename) under a new
+name; the round's line is appended to the log (after truncating it to the committed prefix, which
+drops the line of a round that crashed before its commit) and fsync'd; ``checkpoint.json``,
+written atomically, is the commit point; only then are other ``state-*.safetensors`` files and
+temp files of interrupted writes deleted (at most one stale arrays file survives a crash). A
+crash at any moment leaves the last complete round readable: log bytes beyond the committed
+prefix (a torn last line, or the line of an uncommitted round) are ignored on load and cut at the
+next save. No pickle anywhere.
 
 Resume policy (:func:`resume_point`): with ``resume = false`` an existing checkpoint is never
 overwritten (the run is refused: resume it or choose another directory); with ``resume = true``
@@ -27,7 +38,7 @@ fingerprint (where things are written is not what is computed).
 
 Both loops use it: :func:`fedke.simulations.multiround.run_multiround` (in process) and the
 Flower ServerApp, through :class:`ResumableStrategy`, which shifts Flower's round numbers by the
-rounds already done and saves at the end of every round.
+rounds already done and saves once at the end of every round.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,8 +62,9 @@ from .scenario import Scenario
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "fedke.run_checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: metrics in the append-only log metrics.jsonl
 CHECKPOINT_JSON = "checkpoint.json"
+METRICS_LOG = "metrics.jsonl"
 #: Run-config keys that say where things go, not what is computed: left out of the fingerprint.
 RUN_CONTROL_KEYS = ("checkpoint_dir", "resume", "output_dir", "cache_dir")
 ROW_COLUMNS = ("round", "method", "request_set", "metric", "value")
@@ -136,24 +149,84 @@ def _state_name(server_round: int) -> str:
     return f"state-{server_round:06d}.safetensors"
 
 
+EMPTY_LOG = {"file": METRICS_LOG, "bytes": 0, "lines": 0, "rows": 0, "round_metrics": 0, "chain_sha256": ""}
+
+
+def _chain(previous: str, line: bytes) -> str:
+    """One link of the metrics log's hash chain: ``SHA-256(previous_hex || line)`` (line with its newline)."""
+    return hashlib.sha256(previous.encode() + line).hexdigest()
+
+
+def _log_line(server_round: int, rows: Sequence[Mapping[str, Any]], round_metrics: Sequence[Mapping[str, Any]]) -> bytes:
+    """The metrics log's line of one round: what the round added, compact JSON + newline."""
+    entry = {"round": int(server_round), "rows": _rows_to_columns(rows), "round_metrics": [dict(m) for m in round_metrics]}
+    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+
+
+def _append_committed(path: Path, committed_bytes: int, line: bytes) -> None:
+    """Cut ``path`` to its committed prefix (dropping a torn or uncommitted tail), append ``line``, fsync."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size < committed_bytes:
+            raise CheckpointError(f"{path} holds {size} bytes, fewer than the {committed_bytes} committed in "
+                                  f"{CHECKPOINT_JSON}: the checkpoint is damaged")
+        if size > committed_bytes:
+            os.ftruncate(fd, committed_bytes)
+        os.lseek(fd, committed_bytes, os.SEEK_SET)
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(directory: Path, keep: str) -> None:
+    """After a commit: other rounds' arrays files and temp files of interrupted atomic writes."""
+    for path in directory.glob("state-*.safetensors"):
+        if path.name != keep:
+            path.unlink(missing_ok=True)
+    for pattern in (".state-*.tmp", f".{CHECKPOINT_JSON}.*.tmp"):
+        for path in directory.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
 def save_checkpoint(directory: str | Path, scenario: Scenario, strategy: Any, server_round: int,
                     rows: Sequence[Mapping[str, Any]], *, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write the state after ``server_round`` atomically; returns the path of ``checkpoint.json``.
+    """Write the state after ``server_round``; returns the path of ``checkpoint.json`` (the commit point).
 
     ``strategy`` is a :class:`fedke.strategies.EditMergeStrategy` (its ``state_dict()``); ``rows``
-    the tidy metrics rows so far (``round, method, request_set, metric, value``).
+    the tidy metrics rows so far (``round, method, request_set, metric, value``), of which only
+    those past the committed ones are written (to the round's line of ``metrics.jsonl``), as are
+    only the strategy's new ``round_metrics``: the bytes written do not grow with the round.
+    ``server_round`` must exceed the committed round (a round is saved once).
     """
     from safetensors.numpy import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    previous = load_manifest(directory)
+    committed = dict(previous["metrics_log"]) if previous is not None else dict(EMPTY_LOG)
+    if previous is not None and int(server_round) <= int(previous["round"]):
+        raise CheckpointError(f"{directory / CHECKPOINT_JSON} already holds round {previous['round']}; "
+                              f"round {server_round} cannot be saved after it (a round is saved once)")
+    if len(rows) < committed["rows"]:
+        raise CheckpointError(f"{len(rows)} metrics rows given, but the checkpoint already holds {committed['rows']}: "
+                              "pass every row of the run so far")
     state = strategy.state_dict()
+    meta = dict(state["meta"])
+    round_metrics = list(meta.pop("round_metrics", []))
+    if len(round_metrics) < committed["round_metrics"]:
+        raise CheckpointError(f"the strategy has {len(round_metrics)} round_metrics entries, but the checkpoint already "
+                              f"holds {committed['round_metrics']}")
     rng_arrays, rng_meta = capture_rng()
     arrays = {**{key: np.ascontiguousarray(value) for key, value in state["arrays"].items()}, **rng_arrays}
     blob = save(arrays, metadata={"format": CHECKPOINT_FORMAT, "round": str(int(server_round))})
     name = _state_name(server_round)
     atomic_write_bytes(directory / name, blob)
-    previous = load_manifest(directory)
+    line = _log_line(server_round, rows[committed["rows"]:], round_metrics[committed["round_metrics"]:])
+    _append_committed(directory / METRICS_LOG, committed["bytes"], line)
     manifest = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -164,15 +237,20 @@ def save_checkpoint(directory: str | Path, scenario: Scenario, strategy: Any, se
         "config": fingerprint_config(scenario),
         "arrays_file": name,
         "arrays_sha256": hashlib.sha256(blob).hexdigest(),
-        "strategy_meta": state["meta"],
-        "rows": _rows_to_columns(rows),
+        "strategy_meta": meta,
+        "metrics_log": {
+            "file": METRICS_LOG,
+            "bytes": committed["bytes"] + len(line),
+            "lines": committed["lines"] + 1,
+            "rows": len(rows),
+            "round_metrics": len(round_metrics),
+            "chain_sha256": _chain(committed["chain_sha256"], line),
+        },
         "rng": rng_meta,
         "extra": dict(extra or {}),
     }
-    # compact JSON: rewritten every round, it holds every metrics row so far (35k rows at round 1000)
     atomic_write_bytes(directory / CHECKPOINT_JSON, json.dumps(manifest, separators=(",", ":")).encode())
-    if previous is not None and previous.get("arrays_file") not in (None, name):
-        (directory / previous["arrays_file"]).unlink(missing_ok=True)
+    _remove_stale(directory, keep=name)
     return directory / CHECKPOINT_JSON
 
 
@@ -194,6 +272,51 @@ def load_manifest(directory: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
+def read_metrics_log(directory: str | Path, manifest: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The committed prefix of the metrics log: (metrics rows, the strategy's round_metrics).
+
+    Bytes past the prefix (a torn last line, a round that crashed before its commit) are ignored;
+    a prefix that is short, does not parse, or breaks the hash chain is a CheckpointError.
+    """
+    info = manifest["metrics_log"]
+    path = Path(directory) / info["file"]
+    damaged = f"{path} does not match the metrics log committed in {CHECKPOINT_JSON}"
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(int(info["bytes"]))
+    except FileNotFoundError:
+        if info["bytes"] == 0:
+            return [], []
+        raise CheckpointError(f"{damaged}: the file is missing") from None
+    except OSError as err:
+        raise CheckpointError(f"{damaged}: {err}") from None
+    if len(data) != info["bytes"] or (data and not data.endswith(b"\n")):
+        raise CheckpointError(f"{damaged}: {len(data)} bytes of the committed {info['bytes']}, or a torn committed line")
+    rows: list[dict[str, Any]] = []
+    round_metrics: list[dict[str, Any]] = []
+    chain, last_round = "", 0
+    lines = [line + b"\n" for line in data.split(b"\n")[:-1]]  # data ends with a newline (checked)
+    for number, line in enumerate(lines, 1):
+        chain = _chain(chain, line)
+        try:
+            entry = json.loads(line)
+            line_round = int(entry["round"])
+            rows.extend(_columns_to_rows(entry["rows"]))
+            round_metrics.extend(dict(m) for m in entry["round_metrics"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{damaged}: line {number} is not a round's entry ({err})") from None
+        if line_round <= last_round:
+            raise CheckpointError(f"{damaged}: line {number} holds round {line_round} after round {last_round}")
+        last_round = line_round
+    if chain != info["chain_sha256"]:
+        raise CheckpointError(f"{damaged}: its SHA-256 chain differs; the checkpoint is damaged")
+    if (len(lines), len(rows), len(round_metrics)) != (info["lines"], info["rows"], info["round_metrics"]) or \
+            (lines and last_round != int(manifest["round"])):
+        raise CheckpointError(f"{damaged}: {len(lines)} lines, {len(rows)} rows, {len(round_metrics)} round_metrics "
+                              f"up to round {last_round}")
+    return rows, round_metrics
+
+
 def load_checkpoint(directory: str | Path) -> Checkpoint | None:
     """The last complete checkpoint in ``directory``; None if there is none; CheckpointError if damaged."""
     from safetensors.numpy import load
@@ -212,6 +335,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint | None:
     arrays = load(blob)
     rng_arrays = {key: value for key, value in arrays.items() if key.startswith("rng/")}
     state_arrays = {key: value for key, value in arrays.items() if not key.startswith("rng/")}
+    rows, round_metrics = read_metrics_log(directory, manifest)
     return Checkpoint(
         directory=directory,
         round=int(manifest["round"]),
@@ -219,8 +343,8 @@ def load_checkpoint(directory: str | Path) -> Checkpoint | None:
         finished=bool(manifest["finished"]),
         fingerprint=str(manifest["fingerprint"]),
         config=dict(manifest["config"]),
-        strategy_state={"arrays": state_arrays, "meta": manifest["strategy_meta"]},
-        rows=_columns_to_rows(manifest["rows"]),
+        strategy_state={"arrays": state_arrays, "meta": {**manifest["strategy_meta"], "round_metrics": round_metrics}},
+        rows=rows,
         rng_arrays=rng_arrays,
         rng_meta=manifest["rng"],
         extra=dict(manifest.get("extra", {})),
@@ -287,8 +411,14 @@ class ResumableStrategy(Strategy):
     Flower numbers a run's rounds from 1; after a resume the ServerApp runs only the rounds left
     (``ServerConfig(num_rounds = num-rounds - done)``) and this wrapper adds ``done`` to every
     round number it passes on, so clients edit the right round's requests and the results keep
-    their true round. The checkpoint is saved after the server's evaluation of every round (the
-    end of a round when federated evaluation is off) and again after the federated evaluation.
+    their true round.
+
+    The checkpoint is saved once per round, after the round's last step that changes what is
+    saved. Both of Flower's loops (``Server.fit`` and ``DefaultWorkflow``) run a round as fit,
+    then the server's ``evaluate`` (the oracle metrics), then ``configure_evaluate``, and call
+    ``aggregate_evaluate`` (the clients' federated metrics, recorded as ``federated`` rows) only
+    when ``configure_evaluate`` selected clients. So the save happens in ``configure_evaluate``
+    when it selects none, else in ``aggregate_evaluate``.
     """
 
     def __init__(self, inner: Any, scenario: Scenario, writer: Any, rounds_done: int = 0) -> None:
@@ -297,6 +427,7 @@ class ResumableStrategy(Strategy):
         self.scenario = scenario
         self.writer = writer
         self.rounds_done = int(rounds_done)
+        self._awaiting_evaluation: int | None = None  # the round whose save waits for aggregate_evaluate
 
     def __repr__(self) -> str:
         return f"ResumableStrategy({self.inner!r}, rounds_done={self.rounds_done})"
@@ -317,17 +448,22 @@ class ResumableStrategy(Strategy):
     def aggregate_fit(self, server_round, results, failures):
         return self.inner.aggregate_fit(self._round(server_round), results, failures)
 
+    def evaluate(self, server_round, parameters):
+        return self.inner.evaluate(self._round(server_round), parameters)
+
     def configure_evaluate(self, server_round, parameters, client_manager):
-        return self.inner.configure_evaluate(self._round(server_round), parameters, client_manager)
+        instructions = self.inner.configure_evaluate(self._round(server_round), parameters, client_manager)
+        if server_round > 0:
+            if instructions:  # Flower calls aggregate_evaluate next: save there, with the federated metrics
+                self._awaiting_evaluation = self._round(server_round)
+            else:  # no federated evaluation this round: the server's evaluate was the last step
+                self._awaiting_evaluation = None
+                self.save(self._round(server_round))
+        return instructions
 
     def aggregate_evaluate(self, server_round, results, failures):
         outcome = self.inner.aggregate_evaluate(self._round(server_round), results, failures)
-        if server_round > 0:
-            self.save(self._round(server_round))
-        return outcome
-
-    def evaluate(self, server_round, parameters):
-        outcome = self.inner.evaluate(self._round(server_round), parameters)
-        if server_round > 0:
+        if server_round > 0 and self._awaiting_evaluation == self._round(server_round):
+            self._awaiting_evaluation = None
             self.save(self._round(server_round))
         return outcome

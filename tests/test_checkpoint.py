@@ -1,7 +1,9 @@
 """Checkpoint and resume: a run killed with SIGKILL and resumed equals an uninterrupted run.
 
-Also: the ServerApp path (Flower's round numbering shifted by the rounds done), refusals of a
-mismatched or finished run, a damaged or half-written checkpoint, and RNG states.
+Also: the ServerApp path (Flower's round numbering shifted by the rounds done, one save per round
+after the federated evaluation), refusals of a mismatched or finished run, a damaged or
+half-written checkpoint, the append-only metrics log (a torn last line, bytes written per round
+that do not grow with the round), and RNG states.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import pytest
 
 from fedke.simulations.checkpoint import (
     CHECKPOINT_JSON,
+    METRICS_LOG,
     CheckpointError,
     capture_rng,
     load_checkpoint,
     restore_rng,
     resume_point,
     run_fingerprint,
+    save_checkpoint,
 )
 from fedke.simulations.scenario import Scenario
 
@@ -105,8 +109,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(scenario, uninterrupted
     assert child.returncode == -signal.SIGKILL
     crashed = load_checkpoint(ckpt)
     assert kill_after <= crashed.round < ROUNDS and not crashed.finished
-    assert len(list(ckpt.glob("state-*.safetensors"))) == 1  # the previous round's arrays were removed
+    # older rounds' arrays are removed after each commit (one may survive a kill between the two)
+    assert 1 <= len(list(ckpt.glob("state-*.safetensors"))) <= 2
     assert not (tmp_path / "out" / "results.csv").exists()
+    # a kill in the middle of appending the next round's line leaves a torn tail: ignored, then cut
+    with open(ckpt / METRICS_LOG, "ab") as handle:
+        handle.write(b'{"round":%d,"rows":{"round":[' % (crashed.round + 1))
+    assert load_checkpoint(ckpt).rows == crashed.rows
 
     # resuming without resume = true is refused (a checkpoint is never overwritten)
     with pytest.raises(CheckpointError, match="set resume = true"):
@@ -122,6 +131,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(scenario, uninterrupted
     final = load_checkpoint(ckpt)
     assert final.round == ROUNDS and final.finished
     _assert_same_run(final.rows, final.strategy_state, uninterrupted)
+    # the log holds one line per round, each round once, and the strategy's per-round merge metrics
+    entries = [json.loads(line) for line in (ckpt / METRICS_LOG).read_text().splitlines()]
+    assert [entry["round"] for entry in entries] == list(range(1, ROUNDS + 1))
+    assert [m["server_round"] for m in final.strategy_state["meta"]["round_metrics"]] == list(range(1, ROUNDS + 1))
+    assert len(list(ckpt.glob("state-*.safetensors"))) == 1
     # the results files of the resumed run hold the whole run, the crashed rounds included
     table = pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False)
     assert set(table["round"]) == set(range(1, ROUNDS + 1))
@@ -142,7 +156,7 @@ def replace_command(command: list[str], scenario: Scenario) -> list[str]:
 
 def test_server_app_resumes_with_flower_round_numbers_shifted(scenario, uninterrupted, tmp_path):
     """Drive the ServerApp's strategy the way Flower's legacy server loop does, crash, resume."""
-    from flwr.common import Context, RecordDict, parameters_to_ndarrays
+    from flwr.common import Code, Context, EvaluateRes, RecordDict, Status, parameters_to_ndarrays
     from flwr.server.client_manager import SimpleClientManager
 
     from fedke.simulations.client_app import make_client
@@ -171,36 +185,48 @@ def test_server_app_resumes_with_flower_round_numbers_shifted(scenario, uninterr
                 results.append((proxy, fit_result(*clients[proxy.cid].fit(arrays, fit_ins.config))))
             parameters, _ = strategy.aggregate_fit(flower_round, results, [])
             strategy.evaluate(flower_round, parameters)
+            evaluations = []  # the clients' federated evaluation, the round's last step
+            for proxy, evaluate_ins in strategy.configure_evaluate(flower_round, parameters, manager):
+                loss, count, metrics = clients[proxy.cid].evaluate(parameters_to_ndarrays(evaluate_ins.parameters),
+                                                                   evaluate_ins.config)
+                evaluations.append((proxy, EvaluateRes(Status(Code.OK, ""), loss, count, metrics)))
+            strategy.aggregate_evaluate(flower_round, evaluations, [])
             if crash_after is not None and flower_round == crash_after:
                 break
         return num_rounds, sorted(set(rounds_seen))
 
     assert serve(run, crash_after=3) == (ROUNDS, [1, 2, 3])
-    assert load_checkpoint(run.checkpoint_dir).round == 3
+    crashed = load_checkpoint(run.checkpoint_dir)
+    assert crashed.round == 3
     with pytest.raises(CheckpointError, match="set resume = true"):
         serve(run)
     assert serve(replace(run, resume=True)) == (ROUNDS - 3, [4, 5, 6])
     final = load_checkpoint(run.checkpoint_dir)
     assert final.round == ROUNDS and final.finished
-    oracle = [row for row in final.rows if row["request_set"] != "merge"]
+    oracle = [row for row in final.rows if row["request_set"] not in ("merge", "federated")]
     reference = [row for row in uninterrupted.writer.rows if row["request_set"] != "merge"]
     got, want = _quality(oracle), _quality(reference)
     assert list(got.index) == list(want.index)
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=0, atol=1e-6, equal_nan=True)
+    # the clients' federated metrics of every round are saved, those before the crash kept as they were
+    federated = [row for row in final.rows if row["request_set"] == "federated"]
+    assert {row["round"] for row in federated} == set(range(1, ROUNDS + 1))
+    assert [row for row in federated if row["round"] <= 3] == [row for row in crashed.rows if row["request_set"] == "federated"]
     with pytest.raises(CheckpointError, match="already finished"):
         serve(replace(run, resume=True))
 
 
 def test_a_half_written_round_leaves_the_last_complete_one(scenario, uninterrupted, tmp_path):
-    from fedke.simulations.checkpoint import save_checkpoint
-
     directory = tmp_path / "ckpt"
     save_checkpoint(directory, scenario, uninterrupted.strategy, 4, uninterrupted.writer.rows[:10])
     # a crash after the next round's arrays were written but before checkpoint.json was
     (directory / "state-000005.safetensors").write_bytes(b"partial")
     (directory / f".{CHECKPOINT_JSON}.abc.tmp").write_text("{")
+    with open(directory / METRICS_LOG, "ab") as handle:  # and its metrics line was half appended
+        handle.write(b'{"round":5,"rows":{"ro')
     loaded = load_checkpoint(directory)
     assert loaded.round == 4 and len(loaded.rows) == 10 and not loaded.finished
+    assert loaded.rows == [dict(row) for row in uninterrupted.writer.rows[:10]]
     assert loaded.fingerprint == run_fingerprint(scenario)
     # a damaged arrays file is named
     (directory / "state-000004.safetensors").write_bytes(b"garbage")
@@ -210,6 +236,219 @@ def test_a_half_written_round_leaves_the_last_complete_one(scenario, uninterrupt
     with pytest.raises(CheckpointError, match="not a fedke run checkpoint"):
         load_checkpoint(directory)
     assert load_checkpoint(tmp_path / "empty") is None
+
+
+# ----------------------------------------------------------------------------- the metrics log, cheaply
+
+
+class FakeState:
+    """A strategy stand-in for the checkpoint: a small array and a growing ``round_metrics``."""
+
+    def __init__(self) -> None:
+        self.update = np.zeros((4, 3))
+        self.round_metrics: list[dict] = []
+
+    def merge(self, server_round: int) -> None:
+        self.update += server_round
+        self.round_metrics.append({"server_round": server_round, "update_norm": float(np.linalg.norm(self.update))})
+
+    def state_dict(self) -> dict:
+        return {"arrays": {"global_update/w": self.update.copy()},
+                "meta": {"rounds_merged": len(self.round_metrics), "round_metrics": [dict(m) for m in self.round_metrics]}}
+
+    def load_state_dict(self, state) -> None:
+        self.update = np.array(state["arrays"]["global_update/w"])
+        self.round_metrics = [dict(m) for m in state["meta"]["round_metrics"]]
+
+
+def _fake_rows(server_round: int, count: int = 35) -> list[dict]:
+    return [{"round": server_round, "method": "collabedit", "request_set": f"new-{i % 7}", "metric": f"m{i}",
+             "value": server_round + i / 8} for i in range(count)]
+
+
+def test_bytes_written_per_round_do_not_grow_with_the_round(tmp_path, monkeypatch):
+    """30 rounds: checkpoint.json and the state file keep their size, the log grows by one
+    same-sized line a round, and only the last round's arrays file is kept."""
+    import fedke.simulations.checkpoint as ckpt
+
+    written: dict[str, list[int]] = {}
+    real_write = ckpt.atomic_write_bytes
+
+    def counting_write(path, data):
+        written.setdefault(Path(path).name.split("-")[0], []).append(len(data))
+        real_write(path, data)
+
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", counting_write)
+    rounds = 30
+    scenario = replace(Scenario(), num_rounds=rounds, num_clients=2, edits_per_client=1)
+    strategy, rows, appended = FakeState(), [], []
+    for server_round in range(1, rounds + 1):
+        strategy.merge(server_round)
+        rows.extend(_fake_rows(server_round))
+        before = (tmp_path / METRICS_LOG).stat().st_size if (tmp_path / METRICS_LOG).exists() else 0
+        ckpt.save_checkpoint(tmp_path, scenario, strategy, server_round, rows)
+        appended.append((tmp_path / METRICS_LOG).stat().st_size - before)
+        assert [p.name for p in tmp_path.glob("state-*.safetensors")] == [f"state-{server_round:06d}.safetensors"]
+    manifest_sizes, state_sizes = written[CHECKPOINT_JSON], written["state"]
+    assert len(manifest_sizes) == len(state_sizes) == rounds  # one write of each per round
+    # the whole metrics table at round 30 is ~30 x 2 kB; a few digits of round number are all that may change
+    assert max(manifest_sizes) - min(manifest_sizes) < 64, manifest_sizes
+    assert max(state_sizes) == min(state_sizes)
+    # each line holds its round's 35 rows only (round 30's would be 30x round 1's if it held them all)
+    assert max(appended) < 1.2 * min(appended) and sum(appended) == (tmp_path / METRICS_LOG).stat().st_size
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.round == rounds and loaded.finished
+    assert loaded.rows == rows
+    assert loaded.strategy_state["meta"]["round_metrics"] == strategy.round_metrics
+    np.testing.assert_array_equal(loaded.strategy_state["arrays"]["global_update/w"], strategy.update)
+
+
+def test_a_torn_or_uncommitted_log_tail_is_ignored_then_cut(tmp_path):
+    scenario = replace(Scenario(), num_rounds=5)
+    strategy, rows = FakeState(), []
+    for server_round in (1, 2):
+        strategy.merge(server_round)
+        rows.extend(_fake_rows(server_round, 3))
+        save_checkpoint(tmp_path, scenario, strategy, server_round, rows)
+    log_path = tmp_path / METRICS_LOG
+    committed = log_path.read_bytes()
+    # round 3's whole line was appended but checkpoint.json never written, then round 4's line torn
+    with open(log_path, "ab") as handle:
+        handle.write(b'{"round":3,"rows":{"round":[],"method":[],"request_set":[],"metric":[],"value":[]},"round_metrics":[]}\n')
+        handle.write(b'{"round":4,"rows":{"round":[4,')
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.round == 2 and loaded.rows == rows
+    assert [m["server_round"] for m in loaded.strategy_state["meta"]["round_metrics"]] == [1, 2]
+    # the resumed run's round 3 replaces the tail
+    strategy.merge(3)
+    rows.extend(_fake_rows(3, 3))
+    save_checkpoint(tmp_path, scenario, strategy, 3, rows)
+    assert log_path.read_bytes().startswith(committed)
+    assert [json.loads(line)["round"] for line in log_path.read_text().splitlines()] == [1, 2, 3]
+    assert load_checkpoint(tmp_path).rows == rows
+    # a round is saved once; fewer rows than committed is refused
+    with pytest.raises(CheckpointError, match="already holds round 3"):
+        save_checkpoint(tmp_path, scenario, strategy, 3, rows)
+    with pytest.raises(CheckpointError, match="pass every row"):
+        save_checkpoint(tmp_path, scenario, strategy, 4, rows[:2])
+    # a damaged committed prefix is named
+    text = log_path.read_bytes()
+    log_path.write_bytes(text.replace(b'"value":[1.0', b'"value":[9.0', 1))
+    with pytest.raises(CheckpointError, match="SHA-256 chain"):
+        load_checkpoint(tmp_path)
+    log_path.write_bytes(text[: len(committed) - 5])
+    with pytest.raises(CheckpointError, match="metrics log"):
+        load_checkpoint(tmp_path)
+
+
+def _fake_proxy(cid: str):
+    """A Flower ClientProxy that answers fit and evaluate at once."""
+    from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
+    from flwr.server.client_proxy import ClientProxy
+
+    class Proxy(ClientProxy):
+        def get_properties(self, ins, timeout, group_id):
+            raise NotImplementedError
+
+        def get_parameters(self, ins, timeout, group_id):
+            raise NotImplementedError
+
+        def fit(self, ins, timeout, group_id):
+            return FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.ones(2)]), 1, {})
+
+        def evaluate(self, ins, timeout, group_id):
+            return EvaluateRes(Status(Code.OK, ""), 0.5, 2, {"ES": 50.0 + int(ins.config["server_round"])})
+
+        def reconnect(self, ins, timeout, group_id):
+            raise NotImplementedError
+
+    return Proxy(cid)
+
+
+class FakeFlowerStrategy(FakeState):
+    """The parts of a fedke strategy that Flower's loop calls; records rows as the real one does."""
+
+    def __init__(self, writer, federated: bool) -> None:
+        super().__init__()
+        self.writer, self.federated = writer, federated
+
+    def initialize_parameters(self, client_manager):
+        from flwr.common import ndarrays_to_parameters
+
+        return ndarrays_to_parameters([np.zeros(2)])
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        from flwr.common import FitIns
+
+        return [(proxy, FitIns(parameters, {"server_round": server_round})) for proxy in client_manager.all().values()]
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.merge(server_round)
+        self.writer.record(server_round, {"n_results": len(results)}, request_set="merge")
+        return results[0][1].parameters, {}
+
+    def evaluate(self, server_round, parameters):
+        if server_round > 0:
+            self.writer.record(server_round, {"ES": float(server_round)}, request_set="old")
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        from flwr.common import EvaluateIns
+
+        if not self.federated:
+            return []
+        return [(proxy, EvaluateIns(parameters, {"server_round": server_round})) for proxy in client_manager.all().values()]
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        metrics = {"ES": float(np.mean([res.metrics["ES"] for _, res in results]))}
+        self.writer.record(server_round, metrics, request_set="federated")
+        return 0.5, metrics
+
+
+@pytest.mark.parametrize("federated", [True, False])
+def test_the_flower_loop_saves_once_per_round_after_its_last_step(tmp_path, monkeypatch, federated):
+    """Flower's own ``Server.fit`` loop over the wrapper: one save per round, holding every row of
+    the round (the clients' federated metrics included), rounds shifted after a resume."""
+    from flwr.server import Server
+    from flwr.server.client_manager import SimpleClientManager
+
+    import fedke.simulations.checkpoint as ckpt
+    from fedke.simulations.results import ResultsWriter
+
+    saves = []
+    real_save = ckpt.save_checkpoint
+
+    def counting_save(directory, scenario, strategy, server_round, rows, **kwargs):
+        saves.append((server_round, sorted({row["request_set"] for row in rows if row["round"] == server_round})))
+        return real_save(directory, scenario, strategy, server_round, rows, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", counting_save)
+    scenario = replace(Scenario(), num_rounds=5, checkpoint_dir=str(tmp_path / "ckpt"))
+    expected_sets = ["federated", "merge", "old"] if federated else ["merge", "old"]
+
+    def serve(run: Scenario, rounds: int, done: int = 0):
+        writer = ResultsWriter(tmp_path / "out", method="fake")
+        inner = FakeFlowerStrategy(writer, federated)
+        if done:
+            ckpt.restore(ckpt.resume_point(run), inner, writer)
+        manager = SimpleClientManager()
+        for cid in ("0", "1"):
+            manager.register(_fake_proxy(cid))
+        server = Server(client_manager=manager, strategy=ckpt.ResumableStrategy(inner, run, writer, rounds_done=done))
+        server.fit(num_rounds=rounds, timeout=None)
+        return writer
+
+    serve(scenario, 3)
+    assert saves == [(r, expected_sets) for r in (1, 2, 3)]
+    saves.clear()
+    writer = serve(replace(scenario, resume=True), 2, done=3)
+    assert saves == [(r, expected_sets) for r in (4, 5)]
+    final = load_checkpoint(scenario.checkpoint_dir)
+    assert final.round == 5 and final.finished and final.rows == writer.rows
+    assert {(row["round"], row["request_set"]) for row in final.rows} == {(r, s) for r in range(1, 6) for s in expected_sets}
+    if federated:  # the clients' metrics carry the true round after the resume
+        assert [row["value"] for row in final.rows if row["request_set"] == "federated"] == [51.0, 52.0, 53.0, 54.0, 55.0]
+    assert [m["server_round"] for m in final.strategy_state["meta"]["round_metrics"]] == [1, 2, 3, 4, 5]
 
 
 def test_fingerprint_ignores_where_things_go_and_nothing_else():
