@@ -176,7 +176,7 @@ def run_multiround(scenario: Scenario, *, output_dir: str | None = None, write: 
     for server_round in range(first, scenario.num_rounds + 1):
         started = time.perf_counter()
         parameters = parameters_to_ndarrays(strategy.update_parameters())
-        results = [(proxy, fit_result(*client.fit(parameters, {"server_round": server_round})))
+        results = [(proxy, fit_result(*client.fit(parameters, strategy.fit_config(server_round, proxy.cid))))
                    for proxy, client in zip(proxies, clients)]
         strategy.aggregate_fit(server_round, results, [])
         del results, parameters
