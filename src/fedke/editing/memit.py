@@ -283,6 +283,39 @@ class MemitEditor:
                 revert_update(self.model, record)
             self.model.train(was_training)
 
+    def layer_payload(self, requests: Sequence[EditRequest], targets: "Targets", layer_index: int, *,
+                      regulariser: np.ndarray | None = None) -> LayerPayload:
+        """One layer of a sequential edit, on the model as it is now (earlier layers already updated).
+
+        Keys ``K_l`` and the residual ``R_l = (z - h_L) / (L - i)`` (or ``/ L`` with the even split)
+        are read from the current model; ``Delta_l = R_l K_l^T (A0 + K_l K_l^T)^-1``. Stock MEMIT is
+        this for ``i = 0..L-1``, writing each layer's update before the next call. Summing the
+        ``K K^T`` and ``R K^T`` of several clients' calls on the same (merged) model gives exactly
+        the sums of one call over all their requests: the layer-wise CollabEdit protocol
+        (:func:`fedke.layerwise.layerwise_collab_edit`).
+        """
+        requests = list(requests)
+        if not requests:
+            raise ValueError("no edit requests")
+        if not 0 <= layer_index < len(self.layer_names):
+            raise ValueError(f"layer_index must be in 0..{len(self.layer_names) - 1}, got {layer_index}")
+        if targets.requests != _request_keys(requests):
+            raise ValueError("targets were computed for other requests (or another order)")
+        if targets.signature != self._target_signature():
+            raise ValueError("targets were computed with other target settings")
+        name = self.layer_names[layer_index]
+        reg = self.regularisers()[name] if regulariser is None else np.asarray(regulariser, dtype=np.float64)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            keys_all, current = self._keys_and_outputs(requests)
+        finally:
+            self.model.train(was_training)
+        n_layers = len(self.layer_names)
+        remaining = n_layers - layer_index if self.config.residual_split == "remaining" else n_layers
+        residuals = (targets.z.to(self.device) - current).T.to(torch.float64) / remaining
+        return _solve_layer(residuals, keys_all[name], torch.as_tensor(reg, device=self.device))
+
     # ------------------------------------------------------------------ checks
     def _check_requests(self, requests: Sequence[EditRequest]) -> None:
         unk = getattr(self.tokenizer, "unk_token_id", None)
