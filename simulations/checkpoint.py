@@ -66,7 +66,8 @@ CHECKPOINT_VERSION = 2  # 2: metrics in the append-only log metrics.jsonl
 CHECKPOINT_JSON = "checkpoint.json"
 METRICS_LOG = "metrics.jsonl"
 #: Run-config keys that say where things go, not what is computed: left out of the fingerprint.
-RUN_CONTROL_KEYS = ("checkpoint_dir", "resume", "output_dir", "cache_dir")
+#: (``streaming_aggregation`` picks the server loop; both loops compute the same merge.)
+RUN_CONTROL_KEYS = ("checkpoint_dir", "resume", "output_dir", "cache_dir", "streaming_aggregation")
 ROW_COLUMNS = ("round", "method", "request_set", "metric", "value")
 
 
@@ -447,6 +448,10 @@ class ResumableStrategy(Strategy):
 
     def aggregate_fit(self, server_round, results, failures):
         return self.inner.aggregate_fit(self._round(server_round), results, failures)
+
+    def begin_round(self, server_round):
+        """The inner strategy's reply-by-reply aggregation (:mod:`fedke.simulations.streaming`), round shifted."""
+        return self.inner.begin_round(self._round(server_round))
 
     def evaluate(self, server_round, parameters):
         return self.inner.evaluate(self._round(server_round), parameters)

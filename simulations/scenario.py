@@ -43,6 +43,8 @@ Every key of the run config has a field here (hyphens become underscores)::
     # secure aggregation (fedke.strategies.secagg): CollabEdit's sums through Flower's SecAgg+
     secure-aggregation = false   # true: the server only ever sees sum R_i K_i^T and sum K_i K_i^T (collabedit only)
     secagg-clip = 8.0            # SecAgg+ clipping range c; payloads are scaled into [-c, c] by public bounds
+    # server loop (fedke.simulations.streaming)
+    streaming-aggregation = false  # true: merge each reply as it arrives (server memory independent of N)
 
 Multi-round numbering: Flower counts rounds from 1. With ``forgetting = true`` Flower round 1 is
 the paper's round 0 (the old requests E_o, ``num-clients x edits-per-client`` of them, from
@@ -117,6 +119,7 @@ class Scenario:
     conflict_augment: bool = True
     secure_aggregation: bool = False
     secagg_clip: float = 8.0
+    streaming_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_NAMES:
@@ -135,6 +138,8 @@ class Scenario:
                              f"(SecAgg+ sums; got strategy {self.strategy!r}, {self.num_clients} client(s))")
         if self.secure_aggregation and self.conflict_detection != "off":
             raise ValueError("secure-aggregation = true cannot run conflict detection (it needs per-client replies)")
+        if self.secure_aggregation and self.streaming_aggregation:
+            raise ValueError("secure-aggregation = true cannot use streaming-aggregation = true (SecAgg+ has its own fit stage)")
         if not self.secagg_clip > 0:
             raise ValueError(f"secagg-clip must be positive, got {self.secagg_clip}")
         capacity = self.world_subjects * self.world_relations

@@ -127,12 +127,24 @@ def _find_secagg(strategy):
 @app.main()
 def main(grid, context: Context) -> None:
     """Plain runs: exactly what ``ServerApp(server_fn=server_fn)`` does (the legacy server loop).
+    ``streaming-aggregation = true``: the same loop with a streaming fit stage that merges each reply
+    as it arrives (:class:`fedke.simulations.streaming.StreamingServer`; server memory independent of
+    the number of clients).
     ``secure-aggregation = true``: the default workflow with ``SecAggPlusWorkflow`` as its fit stage."""
     components = server_fn(context)
-    if not Scenario.from_run_config(context.run_config).secure_aggregation:
+    scenario = Scenario.from_run_config(context.run_config)
+    if not scenario.secure_aggregation:
         from flwr.server.compat import start_grid
 
-        start_grid(server=components.server, config=components.config, strategy=components.strategy,
+        server = components.server
+        if scenario.streaming_aggregation:
+            from flwr.server import SimpleClientManager
+
+            from .streaming import StreamingServer
+
+            server = StreamingServer(client_manager=components.client_manager or SimpleClientManager(),
+                                     strategy=components.strategy)
+        start_grid(server=server, config=components.config, strategy=None if server is not None else components.strategy,
                    client_manager=components.client_manager, grid=grid)
         return
     from flwr.server import LegacyContext

@@ -54,6 +54,7 @@ __all__ = [
     "STATE_FORMAT",
     "STATE_VERSION",
     "EditMergeStrategy",
+    "RoundAggregation",
     "RoundMerger",
     "decode_reply",
     "residual_norm_summary",
@@ -288,6 +289,125 @@ def _json_scalar(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     return value
+
+
+# ----------------------------------------------------------------------------- one round, reply by reply
+
+
+class RoundAggregation:
+    """One round of :meth:`EditMergeStrategy.aggregate_fit`, fed one reply at a time.
+
+    Made by :meth:`EditMergeStrategy.begin_round`. :meth:`add_reply` decodes and validates one
+    ``FitRes`` (a rejection is logged with the client's id and the reason and recorded in the
+    strategy's ``last_rejections``), adds the accepted payload to the round's
+    :class:`RoundMerger` and keeps only counts and the per-request residual norms, so the caller
+    can drop the reply at once: with a running-sums merger the server holds one decoded payload
+    at a time, whatever the number of clients. :meth:`add_failure` records an entry of Flower's
+    ``failures`` (an exception, or a ``(proxy, FitRes)`` with a non-OK status). :meth:`finish`
+    merges, commits, computes the metrics, calls ``on_round_end`` and returns what
+    ``aggregate_fit`` returns. ``aggregate_fit(r, results, failures)`` is exactly
+    ``begin_round(r)``, ``add_failure`` for each failure, ``add_reply`` for each result in order,
+    ``finish()``.
+    """
+
+    def __init__(self, strategy: "EditMergeStrategy", server_round: int) -> None:
+        self.strategy = strategy
+        self.server_round = server_round
+        strategy.last_failures = []
+        strategy.last_rejections = []
+        self.merger = strategy.new_merger()
+        self.n_results = 0
+        self.n_accepted = 0
+        self.n_edits = 0
+        self.norms: list[np.ndarray] = []
+        self.n_skipped: int | None = None
+        self.decode_seconds = 0.0
+        self.merge_seconds = 0.0
+        self.busy_seconds = 0.0  # time spent in add_* (not waiting for clients between calls)
+        self._finish_started: float | None = None
+        #: A merge error; once set, later replies are counted but no longer merged (the round fails).
+        self.error: str | None = None
+        self.finished = False
+
+    def _check_open(self) -> None:
+        if self.finished:
+            raise RuntimeError(f"round {self.server_round}: the aggregation is finished; begin a new round")
+
+    def add_failure(self, failure: tuple[ClientProxy, Any] | BaseException) -> None:
+        """Record one failure (as Flower's ``failures`` entries): logged, counted in ``n_failures``."""
+        self._check_open()
+        tic = time.perf_counter()
+        line = describe_failure(failure)
+        self.strategy.last_failures.append(line)
+        log(WARNING, "round %s: client failure: %s", self.server_round, line)
+        self.busy_seconds += time.perf_counter() - tic
+
+    def add_reply(self, client_proxy: ClientProxy, fit_res: FitRes) -> bool:
+        """Validate one reply and merge it if accepted; True if it was merged. Never raises for a bad reply."""
+        self._check_open()
+        started = time.perf_counter()
+        try:
+            return self._add_reply(client_proxy, fit_res)
+        finally:
+            self.busy_seconds += time.perf_counter() - started
+
+    def _add_reply(self, client_proxy: ClientProxy, fit_res: FitRes) -> bool:
+        strategy = self.strategy
+        server_round = self.server_round
+        self.n_results += 1
+        if self.error is not None:  # the merge already failed: the round will not be applied
+            return False
+        cid = _cid(client_proxy)
+        tic = time.perf_counter()
+        try:
+            payload = decode_reply(
+                fit_res,
+                expected=strategy.layer_specs,
+                max_norm=strategy.max_norm,
+                psd_tol=strategy.psd_tol,
+                require=strategy.required_arrays,
+            )
+            strategy.check_payload(payload)
+        except Exception as rejection:  # noqa: BLE001 - any bad reply is rejected, never fatal
+            reason = _reason(rejection)
+            strategy.last_rejections.append((cid, reason))
+            log(WARNING, "round %s: rejected the payload of client %s: %s", server_round, cid, reason)
+            return False
+        finally:
+            self.decode_seconds += time.perf_counter() - tic
+        tic = time.perf_counter()
+        try:
+            self.merger.add(payload, float(payload.n_edits))
+        except Exception as failure:  # noqa: BLE001 - a merge bug must not corrupt the state
+            self.error = f"merging the payload of client {cid} failed: {_reason(failure)}"
+            return False
+        finally:
+            self.merge_seconds += time.perf_counter() - tic
+        self.n_accepted += 1
+        self.n_edits += int(payload.n_edits)
+        self.norms.append(payload.residual_norms)
+        del payload
+        client_metrics = getattr(fit_res, "metrics", None) or {}
+        if _is_number(client_metrics.get("n_skipped")):
+            self.n_skipped = (self.n_skipped or 0) + int(client_metrics["n_skipped"])
+        if strategy.conflict_coordinator is not None:
+            try:
+                strategy.conflict_coordinator.observe(server_round, cid, client_metrics)
+            except ValueError as bad:
+                log(WARNING, "round %s: ignored the conflict claims of client %s: %s", server_round, cid, bad)
+        return True
+
+    def elapsed_seconds(self) -> float:
+        """Time spent aggregating: in ``add_*`` plus :meth:`finish` so far (waiting for clients excluded)."""
+        finishing = 0.0 if self._finish_started is None else time.perf_counter() - self._finish_started
+        return self.busy_seconds + finishing
+
+    def finish(self) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Merge the accepted payloads, apply and commit the result, return ``(parameters, metrics)``."""
+        self._check_open()
+        self.finished = True
+        self._finish_started = time.perf_counter()
+        return self.strategy._finish_round(self)
 
 
 # ----------------------------------------------------------------------------- the strategy
@@ -549,60 +669,31 @@ class EditMergeStrategy(Strategy, ABC):
         (requests the clients' residual guard skipped) when reported; with a conflict coordinator,
         its ``conflict_*`` / ``overlap_*`` counts (:meth:`fedke.conflict.ConflictCoordinator.end_round`).
         """
-        started = time.perf_counter()
-        self.last_failures = [describe_failure(failure) for failure in failures]
-        for line in self.last_failures:
-            log(WARNING, "round %s: client failure: %s", server_round, line)
-        self.last_rejections = []
-
-        merger = self.new_merger()
-        n_accepted = 0
-        n_edits = 0
-        norms: list[np.ndarray] = []
-        n_skipped: int | None = None
-        decode_seconds = 0.0
-        merge_seconds = 0.0
-        error: str | None = None
+        aggregation = self.begin_round(server_round)
+        for failure in failures:
+            aggregation.add_failure(failure)
         for client_proxy, fit_res in results:
-            cid = _cid(client_proxy)
-            tic = time.perf_counter()
-            try:
-                payload = decode_reply(
-                    fit_res,
-                    expected=self.layer_specs,
-                    max_norm=self.max_norm,
-                    psd_tol=self.psd_tol,
-                    require=self.required_arrays,
-                )
-                self.check_payload(payload)
-            except Exception as rejection:  # noqa: BLE001 - any bad reply is rejected, never fatal
-                reason = _reason(rejection)
-                self.last_rejections.append((cid, reason))
-                log(WARNING, "round %s: rejected the payload of client %s: %s", server_round, cid, reason)
-                continue
-            finally:
-                decode_seconds += time.perf_counter() - tic
-            tic = time.perf_counter()
-            try:
-                merger.add(payload, float(payload.n_edits))
-            except Exception as failure:  # noqa: BLE001 - a merge bug must not corrupt the state
-                error = f"merging the payload of client {cid} failed: {_reason(failure)}"
-                break
-            finally:
-                merge_seconds += time.perf_counter() - tic
-            n_accepted += 1
-            n_edits += int(payload.n_edits)
-            norms.append(payload.residual_norms)
-            del payload
-            client_metrics = getattr(fit_res, "metrics", None) or {}
-            if _is_number(client_metrics.get("n_skipped")):
-                n_skipped = (n_skipped or 0) + int(client_metrics["n_skipped"])
-            if self.conflict_coordinator is not None:
-                try:
-                    self.conflict_coordinator.observe(server_round, cid, client_metrics)
-                except ValueError as bad:
-                    log(WARNING, "round %s: ignored the conflict claims of client %s: %s", server_round, cid, bad)
+            aggregation.add_reply(client_proxy, fit_res)
+        return aggregation.finish()
 
+    def begin_round(self, server_round: int) -> "RoundAggregation":
+        """A round's aggregation fed one reply at a time (what :meth:`aggregate_fit` runs on a list).
+
+        A streaming server loop calls :meth:`RoundAggregation.add_reply` (or ``add_failure``) as each
+        reply arrives and drops it, then :meth:`RoundAggregation.finish`; the validation, the merge
+        and the metrics are exactly those of :meth:`aggregate_fit` fed the same replies in the same
+        order. Resets :attr:`last_failures` and :attr:`last_rejections`.
+        """
+        return RoundAggregation(self, server_round)
+
+    def _finish_round(self, aggregation: "RoundAggregation") -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Merge result, commit, metrics and ``on_round_end`` of a round (see :class:`RoundAggregation`)."""
+        server_round = aggregation.server_round
+        merger = aggregation.merger
+        n_accepted = aggregation.n_accepted
+        n_edits = aggregation.n_edits
+        error = aggregation.error
+        merge_seconds = aggregation.merge_seconds
         parameters = None
         merged: dict[str, np.ndarray] | None = None
         if error is None and n_accepted > 0:
@@ -632,25 +723,25 @@ class EditMergeStrategy(Strategy, ABC):
             parameters = self.update_parameters()
 
         metrics: dict[str, Scalar] = {
-            "n_results": len(results),
+            "n_results": aggregation.n_results,
             "n_accepted": n_accepted,
             "n_rejected": len(self.last_rejections),
-            "n_failures": len(failures),
+            "n_failures": len(self.last_failures),
             "n_edits": n_edits,
             "applied": applied,
-            "decode_seconds": decode_seconds,
+            "decode_seconds": aggregation.decode_seconds,
             "merge_seconds": merge_seconds,
             "update_norm": _frobenius(merged) if applied and merged is not None else 0.0,
             "global_update_norm": _frobenius(self.global_update),
         }
         if error is not None:
             metrics["error"] = _short(error)
-        metrics.update(residual_norm_summary(norms))
-        if n_skipped is not None:
-            metrics["n_skipped"] = n_skipped
+        metrics.update(residual_norm_summary(aggregation.norms))
+        if aggregation.n_skipped is not None:
+            metrics["n_skipped"] = aggregation.n_skipped
         if self.conflict_coordinator is not None:
             metrics.update(self.conflict_coordinator.end_round(server_round))
-        metrics["aggregate_seconds"] = time.perf_counter() - started
+        metrics["aggregate_seconds"] = aggregation.elapsed_seconds()
         log(
             INFO,
             "round %s: %s accepted, %s rejected, %s failures, %s edits, update norm %.4g (%s)",
