@@ -61,6 +61,8 @@ class FakeGrid:
         self.pulled: list[weakref.ref] = []  # every reply handed out
         self.max_alive = 0  # most replies alive at once in this process (at a pull)
         self.reply_order: list[int] = []  # destination node of every reply handed out, in order
+        self.pushed: list[tuple[int, str, float]] = []  # (node, group_id, ttl) of every pushed message
+        self.blocking_types: list[str] = []  # message types sent through send_and_receive (the legacy proxy)
         # one node at a time: the legacy loop pulls from several threads, and the in-process
         # ClientApps share one cached model (a SuperLink's nodes are separate processes)
         self.lock = threading.RLock()
@@ -78,6 +80,7 @@ class FakeGrid:
             message_id = f"m{self.counter}"
             message.metadata.__dict__["_message_id"] = message_id
             self.inbox[message_id] = message
+            self.pushed.append((message.metadata.dst_node_id, message.metadata.group_id, message.metadata.ttl))
             ids.append(message_id)
         return ids
 
@@ -114,6 +117,8 @@ class FakeGrid:
         return out
 
     def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.blocking_types.extend(m.metadata.message_type for m in messages)
         ids = set(self.push_messages(messages))
         out = []
         while ids:
@@ -291,7 +296,7 @@ def test_a_silent_node_becomes_a_failure_at_the_round_timeout():
     assert metrics["applied"] and metrics["n_accepted"] == 2 and metrics["n_failures"] == 1
     assert "TimeoutError" in strategy.last_failures[0] and "node 2" in strategy.last_failures[0]
     # the TTL message the SuperLink sends is set from the round timeout, as the legacy proxy does
-    assert all(m.metadata.ttl == 10.0 and m.metadata.group_id == "1" for m in grid.inbox.values())
+    assert sorted(grid.pushed) == [(1, "1", 10.0), (2, "1", 10.0), (3, "1", 10.0)]
 
 
 def test_a_failed_push_is_a_failure_of_that_node():
@@ -307,6 +312,17 @@ def test_a_failed_push_is_a_failure_of_that_node():
     _, metrics, _ = servers(strategy, grid, streaming=True).fit_round(1, timeout=None)
     assert metrics["n_accepted"] == 1 and metrics["n_failures"] == 1
     assert "ConnectionError: SuperLink unreachable" in strategy.last_failures[0]
+
+
+def test_a_resumed_run_streams_with_shifted_round_numbers():
+    from fedke.simulations.checkpoint import ResumableStrategy
+
+    inner = collab(n=2)
+    wrapped = ResumableStrategy(inner, scenario=None, writer=None, rounds_done=3)
+    grid = FakeGrid({n: (lambda m, s=n: good_res(s)) for n in (1, 2)})
+    _, metrics, _ = servers(wrapped, grid, streaming=True).fit_round(1, timeout=None)
+    assert metrics["applied"] and [m["server_round"] for m in inner.round_metrics] == [4]
+    assert [group for _, group, _ in grid.pushed] == ["1", "1"]  # Flower's own round number on the wire
 
 
 def test_streaming_needs_a_strategy_with_begin_round():
@@ -377,15 +393,19 @@ def _run_server_app(scenario, tmp_path, name):
     import pandas as pd
 
     table = pd.read_csv(out / "results.csv", keep_default_na=False, dtype={"metric": str, "method": str})
-    return strategies[0], table
+    return strategies[0], table, grid
 
 
 def test_server_app_streaming_equals_legacy_on_the_tiny_preset(tiny_bed, cache_dir, tmp_path):
     from fedke.simulations.scenario import Scenario
 
     scenario = Scenario.from_preset("tiny", cache_dir=str(cache_dir))
-    legacy, legacy_table = _run_server_app(scenario, tmp_path, "legacy")
-    streamed, streamed_table = _run_server_app(replace(scenario, streaming_aggregation=True), tmp_path, "streaming")
+    legacy, legacy_table, legacy_grid = _run_server_app(scenario, tmp_path, "legacy")
+    streamed, streamed_table, grid = _run_server_app(replace(scenario, streaming_aggregation=True), tmp_path, "streaming")
+    # legacy: every message through GridClientProxy; streaming: TRAIN pushed and pulled by the
+    # streaming stage, EVALUATE still through the legacy proxy
+    assert sorted(set(legacy_grid.blocking_types)) == ["evaluate", "train"]
+    assert sorted(set(grid.blocking_types)) == ["evaluate"] and grid.max_alive == 1
     for name in legacy.global_update:  # replies may arrive in another order: float64 rounding of the sums
         np.testing.assert_allclose(streamed.global_update[name], legacy.global_update[name], rtol=1e-10, atol=1e-12)
     quality = ["ES", "PS", "NS", "Score"]
