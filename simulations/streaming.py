@@ -39,21 +39,20 @@ runs keep their own workflow.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
+from logging import INFO
 from typing import Any
 
 from flwr.app import Message
 from flwr.app.message_type import MessageType
 from flwr.common import Code, FitIns, Parameters, Scalar
+from flwr.common.logger import log
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import Server
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
-
-log = logging.getLogger(__name__)
 
 __all__ = ["StreamingServer", "stream_fit"]
 
@@ -200,15 +199,15 @@ class StreamingServer(Server):
         client_instructions = self.strategy.configure_fit(
             server_round=server_round, parameters=self.parameters, client_manager=self._client_manager)
         if not client_instructions:
-            log.info("configure_fit: no clients selected, cancel")
+            log(INFO, "configure_fit: no clients selected, cancel")
             return None
-        log.info("configure_fit: strategy sampled %s clients (out of %s); streaming their replies",
+        log(INFO, "configure_fit: strategy sampled %s clients (out of %s); streaming their replies",
                  len(client_instructions), self._client_manager.num_available())
         aggregation = self.strategy.begin_round(server_round)
         counts = stream_fit(aggregation, client_instructions, timeout=timeout, group_id=server_round,
                             poll_interval=self.poll_interval, timeout_grace=self.timeout_grace)
         del client_instructions
         self.stream_counts.append(counts)
-        log.info("streamed fit: received %s replies and %s failures", counts["replies"], counts["failures"])
+        log(INFO, "streamed fit: received %s replies and %s failures", counts["replies"], counts["failures"])
         parameters, metrics = aggregation.finish()
         return parameters, metrics, ([], [])

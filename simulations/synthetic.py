@@ -12,8 +12,9 @@ whose components point at this module. Run-config keys: ``d-in``, ``d-out``, ``l
 (a JSON file the ServerApp writes after each round: bytes per client, seconds, the server's
 peak RSS, the update's norm), ``num-clients`` (the server waits for them), and for robustness
 tests ``fail-partition`` (that client raises), ``slow-partition`` (that client sleeps 10 x
-``round-timeout``) and ``round-timeout`` (seconds; 0 = none). A client's partition id (node
-config) seeds its payload.
+``round-timeout``) and ``round-timeout`` (seconds; 0 = none); ``streaming`` (true: the server's
+fit stage is :class:`fedke.simulations.streaming.StreamingServer`, merging each reply as it
+arrives). A client's partition id (node config) seeds its payload.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def peak_rss_mb() -> float:
 
 DEFAULTS: dict[str, Any] = {"d-in": 6400, "d-out": 1600, "layers": 5, "edits": 16, "lam": 1.0, "num-rounds": 1,
                             "wire-dtype": "float32", "send-delta": False, "psd-check": False, "report": "",
-                            "num-clients": 2, "fail-partition": -1, "slow-partition": -1, "round-timeout": 0.0}
+                            "num-clients": 2, "fail-partition": -1, "slow-partition": -1, "round-timeout": 0.0,
+                            "streaming": False}
 
 
 def _settings(run_config) -> dict[str, Any]:
@@ -147,7 +149,23 @@ def _server_fn(context):
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=settings["num-rounds"], round_timeout=timeout))
 
 
-server_app = ServerApp(server_fn=_server_fn)
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid, context) -> None:
+    """What ``ServerApp(server_fn=_server_fn)`` runs (``start_grid``); with ``streaming``, the streaming fit stage."""
+    from flwr.server import SimpleClientManager
+    from flwr.server.compat import start_grid
+
+    components = _server_fn(context)
+    server = None
+    if _settings(context.run_config)["streaming"]:
+        from .streaming import StreamingServer
+
+        server = StreamingServer(client_manager=SimpleClientManager(), strategy=components.strategy)
+    start_grid(server=server, config=components.config, strategy=None if server is not None else components.strategy,
+               grid=grid)
 client_app = ClientApp(client_fn=_client_fn)
 
 

@@ -9,11 +9,13 @@ path runs Flower's own ``Server.fit_round`` over Flower's ``GridClientProxy`` on
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import re
 import threading
 import weakref
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -425,3 +427,42 @@ def test_server_app_streaming_equals_legacy_on_the_tiny_preset(tiny_bed, cache_d
             assert a[key] == b[key], key
         assert a["update_norm"] == pytest.approx(b["update_norm"], rel=1e-10)
     assert len(streamed.round_metrics) == scenario.num_rounds
+
+
+# ----------------------------------------------------------------------------- real Flower (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_synthetic_app_streams_through_simulation_and_a_real_deployment(tmp_path, monkeypatch):
+    """Flower's own grids: the simulation's in-memory grid (2 clients, the merge of both) and a loopback
+    deployment (3 SuperNodes: client 1 raises, client 2 sleeps past the round timeout)."""
+    from fedke.simulations.deploy import LoopbackDeployment
+    from fedke.simulations.launch import run_app
+    from fedke.simulations.synthetic import write_app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    shape = {"d-in": 64, "d-out": 16, "layers": 2, "edits": 4}
+    specs = synthetic_specs(64, 16, 2)
+    expected = CollabEdit(layer_specs=specs, regularisers=synthetic_regularisers(specs), max_norm=None, psd_tol=None)
+    replies = [(SimpleNamespace(cid=str(p)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
+        encode_payload(synthetic_payload(specs, 4, seed=1000 + p), send_delta=False)), 4, {})) for p in range(2)]
+    _, want = expected.aggregate_fit(1, replies, [])
+
+    app = write_app(tmp_path / "sim", **shape, streaming=True)
+    report = tmp_path / "sim.json"
+    result = run_app(app, num_supernodes=2, run_config={"report": str(report)}, timeout_s=300, stream=False)
+    assert result.ok, result.log_tail()
+    got = json.loads(report.read_text())["rounds"][-1]
+    assert (got["n_accepted"], got["n_edits"]) == (2, 8)
+    assert got["update_norm"] == pytest.approx(want["update_norm"], rel=1e-9)
+
+    app = write_app(tmp_path / "deploy", **shape, **{"num-clients": 3, "fail-partition": 1, "slow-partition": 2,
+                                                     "round-timeout": 8.0, "streaming": True})
+    report = tmp_path / "deploy.json"
+    with LoopbackDeployment(3, flwr_home=tmp_path / "home") as deployment:
+        result = deployment.run(app, run_config={"report": str(report)}, timeout_s=240)
+    assert result.ok
+    got = json.loads(report.read_text())["rounds"][-1]
+    assert (got["n_accepted"], got["n_failures"], got["applied"], got["n_edits"]) == (1, 2, 1.0, 4)
+    assert "streaming their replies" in result.log_text and "round 1: client failure" in result.log_text
