@@ -9,7 +9,7 @@ when the server pulls it, as Flower bytes (the default payload: Delta, packed K 
 16 edits; bench/privacy.py's large_layers replies). The replies are converted Message ->
 ``FitRes`` by Flower's own compat functions on both paths.
 
-Usage: ``python bench/streaming.py [--quick] [--clients 2,4] [--paths streaming,legacy] [--out JSON]``
+Usage: ``python bench/streaming.py [--quick | --shape D_IN,D_OUT,LAYERS] [--clients 2,4] [--paths streaming,legacy] [--out JSON]``
 (full size: ~0.8 GiB of replies per client on disk, several GiB of RAM; wrap in
 ``flock /tmp/fedke-heavy.lock``).
 """
@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="JSON output path")
     parser.add_argument("--quick", action="store_true", help="layers of (160, 640) instead of GPT-2 XL's (1600, 6400)")
+    parser.add_argument("--shape", help="d_in,d_out,layers (overrides --quick and GPT-2 XL's 6400,1600,5)")
     parser.add_argument("--clients", default="2,4", help="comma-separated numbers of clients")
     parser.add_argument("--paths", default="streaming", help="comma-separated: streaming, legacy")
     args = parser.parse_args(argv)
@@ -124,6 +125,9 @@ def main(argv=None) -> int:
     from fedke.simulations.synthetic import synthetic_specs
 
     specs = synthetic_specs(640, 160, 5) if args.quick else synthetic_specs()
+    if args.shape:
+        d_in, d_out, layers = (int(x) for x in args.shape.split(","))
+        specs = synthetic_specs(d_in, d_out, layers)
     counts = sorted({int(c) for c in args.clients.split(",")})
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if set(paths) - {"streaming", "legacy"}:
