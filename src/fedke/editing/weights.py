@@ -47,7 +47,12 @@ def apply_update(model: torch.nn.Module, update: Mapping[str, np.ndarray | torch
     with torch.no_grad():
         for name, delta in update.items():
             weight = weight_matrix(get_module(model, name))
-            delta_t = torch.as_tensor(np.asarray(delta) if not isinstance(delta, torch.Tensor) else delta)
+            if isinstance(delta, torch.Tensor):
+                delta_t = delta
+            else:
+                array = np.asarray(delta)
+                # arrays decoded from the wire are read-only views; torch would warn on sharing them
+                delta_t = torch.as_tensor(array if array.flags.writeable else array.copy())
             if tuple(delta_t.shape) != tuple(weight.shape):
                 raise ValueError(f"update for layer {name!r} has shape {tuple(delta_t.shape)}, "
                                  f"the weight is {tuple(weight.shape)} (d_out, d_in)")
