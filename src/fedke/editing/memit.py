@@ -207,6 +207,13 @@ class MemitEditor:
             self.model.train(was_training)
         return Targets(_request_keys(requests), z, h_init, self._target_signature())
 
+    def _check_targets(self, requests: Sequence[EditRequest], targets: "Targets") -> None:
+        if targets.requests != _request_keys(requests):
+            raise ValueError("targets were computed for other requests (or another order)")
+        if targets.signature != self._target_signature():
+            raise ValueError("targets were computed with other target settings (last layer, fact token, "
+                             "optimisation hyper-parameters or context templates)")
+
     def _target_signature(self) -> tuple:
         cfg = self.config
         return (self.preset.layers[-1], cfg.fact_token, cfg.v_num_grad_steps, cfg.v_lr, cfg.v_weight_decay,
@@ -243,11 +250,7 @@ class MemitEditor:
             raise ValueError("no edit requests")
         self._check_requests(requests)
         if targets is not None:
-            if targets.requests != _request_keys(requests):
-                raise ValueError("targets were computed for other requests (or another order)")
-            if targets.signature != self._target_signature():
-                raise ValueError("targets were computed with other target settings (last layer, fact token, "
-                                 "optimisation hyper-parameters or context templates)")
+            self._check_targets(requests, targets)
         regs = dict(self.regularisers())
         if regularisers is not None:
             regs.update({name: np.asarray(a, dtype=np.float64) for name, a in regularisers.items()})
@@ -299,10 +302,7 @@ class MemitEditor:
             raise ValueError("no edit requests")
         if not 0 <= layer_index < len(self.layer_names):
             raise ValueError(f"layer_index must be in 0..{len(self.layer_names) - 1}, got {layer_index}")
-        if targets.requests != _request_keys(requests):
-            raise ValueError("targets were computed for other requests (or another order)")
-        if targets.signature != self._target_signature():
-            raise ValueError("targets were computed with other target settings")
+        self._check_targets(requests, targets)
         name = self.layer_names[layer_index]
         reg = self.regularisers()[name] if regulariser is None else np.asarray(regulariser, dtype=np.float64)
         was_training = self.model.training
