@@ -2,6 +2,8 @@
 
 * :class:`CollabEdit`: the exact, non-destructive merge (arXiv 2410.09508), optional dynamic
   covariance;
+* :class:`LayerwiseCollabEdit`: CollabEdit one edited layer per server round, the exact merge of
+  *sequential* (stock) MEMIT;
 * :class:`FedAvg`, :class:`TaskArithmetic`, :class:`TIES`: the destructive delta-merge baselines;
 * :class:`EditMergeStrategy`: their shared base (validation, cumulative update, metrics, state).
 
@@ -16,6 +18,7 @@ from typing import Any
 from .base import EditMergeStrategy, RoundMerger
 from .collabedit import CollabEdit
 from .delta_merge import TIES, DeltaMergeStrategy, FedAvg, TaskArithmetic
+from .layerwise import LayerwiseCollabEdit
 from .secagg import CollabEditSecAgg, SecAggBounds
 
 __all__ = [
@@ -26,18 +29,21 @@ __all__ = [
     "DeltaMergeStrategy",
     "EditMergeStrategy",
     "FedAvg",
+    "LayerwiseCollabEdit",
     "RoundMerger",
     "SecAggBounds",
     "TaskArithmetic",
     "make_strategy",
 ]
 
-#: Strategy name -> class (names as in the run config's ``strategy`` key).
+#: Strategy name -> class (names as in the run config's ``strategy`` key; a scenario picks
+#: ``layerwise_collabedit`` through its ``layerwise`` key).
 STRATEGIES: dict[str, type[EditMergeStrategy]] = {
     "collabedit": CollabEdit,
     "fedavg": FedAvg,
     "task_arithmetic": TaskArithmetic,
     "ties": TIES,
+    "layerwise_collabedit": LayerwiseCollabEdit,
 }
 
 

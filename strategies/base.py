@@ -315,7 +315,9 @@ class RoundAggregation:
         self.server_round = server_round
         strategy.last_failures = []
         strategy.last_rejections = []
-        self.merger = strategy.new_merger()
+        self.merger = strategy.merger_for(server_round)
+        #: The layers every reply of this round must carry (:meth:`EditMergeStrategy.reply_specs`).
+        self.expected = tuple(strategy.reply_specs(server_round))
         self.n_results = 0
         self.n_accepted = 0
         self.n_edits = 0
@@ -362,7 +364,7 @@ class RoundAggregation:
         try:
             payload = decode_reply(
                 fit_res,
-                expected=strategy.layer_specs,
+                expected=self.expected,
                 max_norm=strategy.max_norm,
                 psd_tol=strategy.psd_tol,
                 require=strategy.required_arrays,
@@ -559,6 +561,10 @@ class EditMergeStrategy(Strategy, ABC):
     def new_merger(self) -> RoundMerger:
         """A fresh :class:`RoundMerger` for one round (reads, never writes, the strategy's state)."""
 
+    def merger_for(self, server_round: int) -> RoundMerger:
+        """The merger of ``server_round`` (default: :meth:`new_merger`; a layer-wise strategy merges one layer)."""
+        return self.new_merger()
+
     def check_payload(self, payload: EditPayload) -> None:
         """Strategy-specific checks of a decoded payload; raise PayloadError to reject it (default: none)."""
 
@@ -575,6 +581,27 @@ class EditMergeStrategy(Strategy, ABC):
             "wire_dtype": self.wire_dtype.name,
             "psd_tol": self.psd_tol,
         }
+
+    @property
+    def steps_per_round(self) -> int:
+        """Flower server rounds per edit round (1: every server round edits and merges every layer)."""
+        return 1
+
+    def edit_round(self, server_round: int) -> int:
+        """The edit round of Flower's ``server_round`` (0 for Flower's round 0, the initial evaluation)."""
+        return (int(server_round) - 1) // self.steps_per_round + 1 if server_round > 0 else 0
+
+    def ends_edit_round(self, server_round: int) -> bool:
+        """True when ``server_round`` is the last server round of its edit round (then the update is complete)."""
+        return server_round > 0 and int(server_round) % self.steps_per_round == 0
+
+    def reply_specs(self, server_round: int) -> Sequence[LayerSpec]:
+        """The layers every reply of ``server_round`` must carry (default: all edited layers)."""
+        return self.layer_specs
+
+    def round_labels(self, server_round: int) -> dict[str, Scalar]:
+        """Extra entries of a round's metrics naming where the round stands (default: none)."""
+        return {}
 
     # ------------------------------------------------------------------------- fedke API
 
@@ -634,7 +661,7 @@ class EditMergeStrategy(Strategy, ABC):
         ``parameters`` (the server's copy) is ignored: :attr:`global_update` is the source of truth.
         Config: ``{"server_round": server_round, **on_fit_config_fn(server_round)}``.
         """
-        parameters = self.update_parameters()
+        parameters = self.fit_parameters(server_round)
         clients = sample_clients(
             client_manager,
             fraction=self.fraction_fit,
@@ -642,6 +669,10 @@ class EditMergeStrategy(Strategy, ABC):
             min_available_clients=self.min_available_clients,
         )
         return [(client, FitIns(parameters, self.fit_config(server_round, _cid(client)))) for client in clients]
+
+    def fit_parameters(self, server_round: int) -> Parameters:
+        """What every client's ``FitIns`` of ``server_round`` carries: the cumulative update."""
+        return self.update_parameters()
 
     def fit_config(self, server_round: int, cid: str | None = None) -> dict[str, Scalar]:
         """One client's fit config: ``{"server_round": ..., **on_fit_config_fn(server_round)}`` plus,
@@ -741,6 +772,7 @@ class EditMergeStrategy(Strategy, ABC):
             metrics["n_skipped"] = aggregation.n_skipped
         if self.conflict_coordinator is not None:
             metrics.update(self.conflict_coordinator.end_round(server_round))
+        metrics.update(self.round_labels(server_round))
         metrics["aggregate_seconds"] = aggregation.elapsed_seconds()
         log(
             INFO,
@@ -754,9 +786,14 @@ class EditMergeStrategy(Strategy, ABC):
             "applied" if applied else "not applied",
         )
         self.round_metrics.append({"server_round": int(server_round), **{k: _json_scalar(v) for k, v in metrics.items()}})
+        self.notify_round_end(server_round, metrics)
+        return parameters, metrics
+
+    def notify_round_end(self, server_round: int, metrics: Mapping[str, Scalar]) -> None:
+        """Call ``on_round_end(server_round, metrics)`` (a strategy of several server rounds per edit
+        round calls it once per edit round instead)."""
         if self.on_round_end is not None:
             self.on_round_end(server_round, dict(metrics))
-        return parameters, metrics
 
     def _candidate(self, merged: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str | None]:
         """``global_update + merged`` as a new dict, or the reason it must not be applied."""

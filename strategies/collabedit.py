@@ -11,7 +11,7 @@ sums, so the merger keeps running sums and never a per-client array.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -127,14 +127,19 @@ class CollabEdit(EditMergeStrategy):
 
 
 class _CollabMerger(RoundMerger):
-    """Running sums ``S`` and ``G`` per layer (delta form: ``sum Delta_i``, ``sum Delta_i K_iK_i^T``, ``G``)."""
+    """Running sums ``S`` and ``G`` per layer (delta form: ``sum Delta_i``, ``sum Delta_i K_iK_i^T``, ``G``).
 
-    def __init__(self, strategy: CollabEdit) -> None:
+    ``layers`` restricts the merge to those layers (default: every edited layer); :meth:`result`
+    then returns only them.
+    """
+
+    def __init__(self, strategy: CollabEdit, layers: Sequence[str] | None = None) -> None:
         self.strategy = strategy
         self.client_regularisers = strategy.regularisers
-        self.round_regularisers = strategy.regulariser_for_round()
+        specs = [s for s in strategy.layer_specs if layers is None or s.name in layers]
+        round_regularisers = strategy.regulariser_for_round()
+        self.round_regularisers = {s.name: round_regularisers[s.name] for s in specs}
         self.use_sums = strategy.use_sums
-        specs = strategy.layer_specs
         self.kkt_sum = {s.name: np.zeros((s.d_in, s.d_in)) for s in specs}
         if self.use_sums:
             self.rkt_sum = {s.name: np.zeros((s.d_out, s.d_in)) for s in specs}

@@ -695,7 +695,7 @@ def test_load_state_dict_refuses_a_state_that_does_not_fit():
 
 def test_make_strategy_by_name():
     regularisers = make_regularisers()
-    assert set(STRATEGIES) == {"collabedit", "fedavg", "task_arithmetic", "ties"}
+    assert set(STRATEGIES) == {"collabedit", "fedavg", "task_arithmetic", "ties", "layerwise_collabedit"}
     assert isinstance(make_strategy("collabedit", layer_specs=SPECS, regularisers=regularisers), CollabEdit)
     assert isinstance(make_strategy("CollabEdit", layer_specs=SPECS, regularisers=regularisers), CollabEdit)
     assert isinstance(make_strategy("task-arithmetic", layer_specs=SPECS, scale=0.5), TaskArithmetic)

@@ -8,6 +8,11 @@ Server -> client (:func:`encode_update` / :func:`decode_update`)::
 
     [manifest, update per layer ...]
 
+Server -> client in a sub-round of layer-wise CollabEdit (:func:`encode_layer_step` /
+:func:`decode_layer_step`): two such update blocks, one after the other::
+
+    [manifest, round-start update per layer ..., manifest, merged update per layer l_1..l_{i-1} ...]
+
 The manifest is UTF-8 JSON in a 1-D uint8 array: the format name and version, the wire dtype,
 ``n_edits`` and, per layer in order, its name, ``d_out``, ``d_in`` and the arrays that follow.
 ``kkt`` travels as its packed upper triangle (``n (n + 1) / 2`` values, row-major), so it is
@@ -36,8 +41,10 @@ __all__ = [
     "FORMAT_VERSION",
     "LayerSpec",
     "PayloadError",
+    "decode_layer_step",
     "decode_payload",
     "decode_update",
+    "encode_layer_step",
     "encode_payload",
     "encode_update",
     "layer_specs",
@@ -518,3 +525,37 @@ def decode_update(
         _check_norm(where, array, _norm_limit(max_norm, "update"))
         update[spec.name] = array.astype(np.float64)
     return update
+
+
+# ----------------------------------------------------------------------------- layer-wise sub-rounds
+
+
+def encode_layer_step(round_start: Mapping[str, np.ndarray], merged: Mapping[str, np.ndarray], *,
+                      dtype: Any = np.float32) -> list[np.ndarray]:
+    """What a client gets in sub-round ``i`` of layer-wise CollabEdit: two update blocks.
+
+    ``round_start`` is the cumulative update at the start of the edit round (every edited layer;
+    the model the clients optimise their targets on), ``merged`` this edit round's merged updates
+    of the layers already done (``l_1..l_{i-1}``; empty in sub-round 0). The client edits layer
+    ``l_i`` on ``W0 + round_start + merged``. Returns ``encode_update(round_start) +
+    encode_update(merged)``.
+    """
+    return encode_update(round_start, dtype=dtype) + encode_update(merged, dtype=dtype)
+
+
+def decode_layer_step(
+    arrays: Sequence[np.ndarray],
+    *,
+    expected: Sequence[LayerSpec] | None = None,
+    merged_expected: Sequence[LayerSpec] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Inverse of :func:`encode_layer_step`: ``(round_start, merged)``, each validated by :func:`decode_update`
+    against ``expected`` (every edited layer) and ``merged_expected`` (the layers already merged)."""
+    arrays = list(arrays)
+    head = _read_manifest(arrays, UPDATE_FORMAT)
+    split = 1 + len(head["layers"])
+    if len(arrays) <= split:
+        raise PayloadError(f"a layer-step update needs two update blocks; got {len(arrays)} arrays, "
+                           f"the first block alone announces {split}")
+    return (decode_update(arrays[:split], expected=expected),
+            decode_update(arrays[split:], expected=merged_expected))
