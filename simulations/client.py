@@ -5,17 +5,35 @@ applies it to its copy of the base model, edits its own requests for the round a
 with the encoded payload (Delta, K K^T, R K^T per layer). Its requests and keys never leave it.
 It evaluates its own requests on the global model when asked. The base model is restored bit
 for bit after every call, so one loaded model can serve every client of a worker process.
+
+Layer-wise CollabEdit (:mod:`fedke.strategies.layerwise`): a fit config holding ``layer_step``
+``i`` asks for step ``i`` of edit round ``server_round``. The parameters are two update blocks
+(:func:`fedke.codec.decode_layer_step`): the round-start update ``U_r`` and this round's merged
+layers ``l_1..l_{i-1}``. The client's target vectors ``z`` are optimised once per edit round, on
+``W0 + U_r``, and kept between steps in ``state`` (the ClientApp's ``Context.state`` under Flower,
+which the SuperNode or the simulation engine carries from one message to the next; no module
+globals): an ``ArrayRecord`` ``"fedke.layerwise.targets"`` (``z`` and ``h_init``, float64) and a
+``ConfigRecord`` ``"fedke.layerwise.targets.meta"`` keyed by a SHA-256 over the requests and the
+round-start update's float64 values. When they are missing or the key differs (a fresh process,
+another round) the client recomputes them on ``W0 + U_r``: the same computation, so bit for bit
+the same targets. It replies with layer ``l_i`` only: ``K K^T`` and ``R K^T`` computed on
+``W0 + U_r + sum_{j<i} Delta_{l_j}`` (:meth:`fedke.editing.MemitEditor.layer_payload`), no
+``Delta``; residual norms ``||z - h||`` in step 0 only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from flwr.client import NumPyClient
+from flwr.common import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedke.codec import LayerSpec, decode_update, encode_payload, encode_update, payload_nbytes
+from fedke.codec import LayerSpec, decode_layer_step, decode_update, encode_payload, encode_update, payload_nbytes
 from fedke.conflict import CLAIMS_KEY, failing_cases
 from fedke.data.records import EditCase
 from fedke.editing.base import Editor
@@ -23,6 +41,26 @@ from fedke.editing.weights import applied_update
 from fedke.eval import evaluate_cases
 from fedke.overlap import guard_mask, guarded_edit
 from fedke.payload import EditPayload, LayerPayload
+
+#: ``Context.state`` records of the layer-wise targets (see the module docstring).
+TARGETS_RECORD = "fedke.layerwise.targets"
+TARGETS_META = "fedke.layerwise.targets.meta"
+
+
+def targets_key(requests: Sequence[Any], round_start: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over what a request batch's targets depend on in a run: the requests (prompt, subject,
+    new object, in order) and the round-start update's float64 values, layer by layer."""
+    digest = hashlib.sha256(json.dumps([[r.prompt, r.subject, r.target_new] for r in requests]).encode())
+    for name in sorted(round_start):
+        array = np.ascontiguousarray(round_start[name], dtype=np.float64)
+        digest.update(json.dumps([name, list(array.shape)]).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples they were (a target signature, request keys)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 class EditClient(NumPyClient):
@@ -50,11 +88,15 @@ class EditClient(NumPyClient):
         Reply with :func:`fedke.strategies.secagg.encode_secagg` (the sums layout scaled by the
         bounds in the fit config, ``num_examples = 1``, no metrics) for ``secaggplus_mod`` to mask;
         see :mod:`fedke.strategies.secagg`.
+    state : flwr.common.RecordDict | None (default: None)
+        Where layer-wise CollabEdit keeps the round's targets between steps: the ClientApp's
+        ``context.state``. None: a fresh ``RecordDict`` owned by this client (in-process loops,
+        which keep the client between steps).
     """
 
     def __init__(self, editor: Editor, model, tokenizer, cases_by_round: Mapping[int, Sequence[EditCase]], *,
                  wire_dtype: Any = np.float32, residual_guard: float = 0.0, conflict_agent=None,
-                 secure_aggregation: bool = False) -> None:
+                 secure_aggregation: bool = False, state: RecordDict | None = None) -> None:
         self.editor = editor
         self.model = model
         self.tokenizer = tokenizer
@@ -65,6 +107,7 @@ class EditClient(NumPyClient):
         guard_mask([], residual_guard)  # validates the threshold
         self.residual_guard = float(residual_guard)
         self.conflict_agent = conflict_agent
+        self.state = RecordDict() if state is None else state
 
     # ------------------------------------------------------------------ helpers
     def _update(self, parameters: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,6 +129,8 @@ class EditClient(NumPyClient):
         return encode_update({s.name: np.zeros((s.d_out, s.d_in)) for s in self.layer_specs}, dtype=self.wire_dtype)
 
     def fit(self, parameters, config):
+        if "layer_step" in config:
+            return self._fit_layer_step(parameters, config)
         server_round = int(config.get("server_round", 1))
         cases = self.cases_by_round.get(server_round, [])
         started = time.perf_counter()
@@ -110,6 +155,69 @@ class EditClient(NumPyClient):
         metrics.update({"n_edits": payload.n_edits, "edit_seconds": time.perf_counter() - started,
                         "payload_bytes": payload_nbytes(arrays)})
         return arrays, payload.n_edits, metrics
+
+    # ------------------------------------------------------------------ layer-wise CollabEdit
+    def _fit_layer_step(self, parameters, config):
+        """Step ``layer_step`` of edit round ``server_round`` (module docstring): layer ``l_i``'s payload."""
+        edit_round = int(config.get("server_round", 1))
+        step = int(config["layer_step"])
+        n_layers = int(config.get("layer_steps", len(self.layer_specs)))
+        if n_layers != len(self.layer_specs) or not 0 <= step < n_layers:
+            raise ValueError(f"layer step {step} of {n_layers}, but this client edits {len(self.layer_specs)} layers")
+        refused = [what for what, on in (("secure aggregation", self.secure_aggregation),
+                                         ("conflict handling", self.conflict_agent is not None),
+                                         ("the residual guard", self.residual_guard > 0)) if on]
+        if refused:
+            raise ValueError(f"layer-wise CollabEdit does not combine with {', '.join(refused)}")
+        if not (hasattr(self.editor, "compute_targets") and hasattr(self.editor, "layer_payload")):
+            raise TypeError(f"layer-wise CollabEdit needs a MEMIT editor (compute_targets, layer_payload), "
+                            f"got {type(self.editor).__name__}")
+        started = time.perf_counter()
+        round_start, merged = decode_layer_step(list(parameters), expected=self.layer_specs,
+                                                merged_expected=self.layer_specs[:step])
+        requests = [case.request for case in self.cases_by_round.get(edit_round, [])]
+        spec = self.layer_specs[step]
+        metrics: dict[str, Any] = {"layer_step": step}
+        if requests:
+            targets, reused = self.round_targets(edit_round, requests, round_start)
+            current = {name: update + merged[name] if name in merged else update for name, update in round_start.items()}
+            with applied_update(self.model, current):
+                layer = self.editor.layer_payload(requests, targets, step)
+            norms = (targets.z - targets.h_init).norm(dim=1).cpu().numpy() if step == 0 else np.zeros(0)
+            payload = EditPayload(layers={spec.name: LayerPayload(delta=None, kkt=layer.kkt, rkt=layer.rkt)},
+                                  n_edits=len(requests), residual_norms=norms)
+            metrics["targets_reused"] = int(reused)
+        else:
+            payload = EditPayload(layers={spec.name: LayerPayload(delta=None, kkt=np.zeros((spec.d_in, spec.d_in)),
+                                                                  rkt=np.zeros((spec.d_out, spec.d_in)))}, n_edits=0)
+        arrays = encode_payload(payload, dtype=self.wire_dtype, send_delta=False)
+        metrics.update({"n_edits": payload.n_edits, "edit_seconds": time.perf_counter() - started,
+                        "payload_bytes": payload_nbytes(arrays)})
+        return arrays, payload.n_edits, metrics
+
+    def round_targets(self, edit_round: int, requests: Sequence[Any],
+                      round_start: Mapping[str, np.ndarray]):
+        """``(targets, reused)``: the requests' targets on ``W0 + round_start``, from :attr:`state` when it
+        holds them for these requests and this round start, else optimised now and stored there."""
+        key = targets_key(requests, round_start)
+        meta = self.state.get(TARGETS_META)
+        record = self.state.get(TARGETS_RECORD)
+        if meta is not None and record is not None and meta.get("key") == key:
+            from fedke.editing.memit import Targets
+
+            targets = Targets(requests=_tuples(json.loads(str(meta["requests"]))),
+                              z=torch.from_numpy(record["z"].numpy().copy()),
+                              h_init=torch.from_numpy(record["h_init"].numpy().copy()),
+                              signature=_tuples(json.loads(str(meta["signature"]))))
+            return targets, True
+        with applied_update(self.model, round_start):
+            targets = self.editor.compute_targets(requests)
+        self.state[TARGETS_RECORD] = ArrayRecord({"z": Array(targets.z.detach().cpu().numpy().astype(np.float64)),
+                                                  "h_init": Array(targets.h_init.detach().cpu().numpy().astype(np.float64))})
+        self.state[TARGETS_META] = ConfigRecord({"key": key, "edit_round": int(edit_round),
+                                                 "requests": json.dumps(targets.requests),
+                                                 "signature": json.dumps(targets.signature)})
+        return targets, False
 
     def _conflict_requests(self, server_round: int, cases: Sequence[EditCase], config: Mapping[str, Any],
                            metrics: dict[str, Any]) -> list:

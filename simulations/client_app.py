@@ -16,10 +16,11 @@ from .runtime import dealt_cases_for, testbed_for
 from .scenario import Scenario
 
 
-def make_client(scenario: Scenario, partition_id: int, *, secret: str | None = None) -> EditClient:
+def make_client(scenario: Scenario, partition_id: int, *, secret: str | None = None, state=None) -> EditClient:
     """Client ``partition_id`` of the scenario. With ``conflict-detection`` on, its federation
     secret is ``secret`` (the node config's ``federation-secret``), else the run config's
-    ``conflict-secret`` (simulations only), else ``$FEDKE_FEDERATION_SECRET``."""
+    ``conflict-secret`` (simulations only), else ``$FEDKE_FEDERATION_SECRET``. ``state`` is where
+    it keeps what must outlive one message (layer-wise targets): the ClientApp's ``context.state``."""
     bed = testbed_for(scenario)
     dealt = dealt_cases_for(scenario)
     cases_by_round = {r: cases for (client, r), cases in dealt.items() if client == partition_id}
@@ -36,14 +37,15 @@ def make_client(scenario: Scenario, partition_id: int, *, secret: str | None = N
                               name=str(partition_id))
     return EditClient(editor, bed.model, bed.tokenizer, cases_by_round, wire_dtype=scenario.wire_dtype,
                       residual_guard=scenario.residual_guard, conflict_agent=agent,
-                      secure_aggregation=scenario.secure_aggregation)
+                      secure_aggregation=scenario.secure_aggregation, state=state)
 
 
 def client_fn(context: Context):
     scenario = Scenario.from_run_config(context.run_config)
     partition_id = int(context.node_config.get("partition-id", 0))
     secret = context.node_config.get("federation-secret")
-    return make_client(scenario, partition_id, secret=str(secret) if secret else None).to_client()
+    return make_client(scenario, partition_id, secret=str(secret) if secret else None,
+                       state=context.state).to_client()
 
 
 def secure_aggregation_mod(msg, ctxt, call_next):

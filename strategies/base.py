@@ -323,6 +323,7 @@ class RoundAggregation:
         self.n_edits = 0
         self.norms: list[np.ndarray] = []
         self.n_skipped: int | None = None
+        self.n_targets_reused: int | None = None  # layer-wise clients that reused their round's targets
         self.decode_seconds = 0.0
         self.merge_seconds = 0.0
         self.busy_seconds = 0.0  # time spent in add_* (not waiting for clients between calls)
@@ -392,6 +393,8 @@ class RoundAggregation:
         client_metrics = getattr(fit_res, "metrics", None) or {}
         if _is_number(client_metrics.get("n_skipped")):
             self.n_skipped = (self.n_skipped or 0) + int(client_metrics["n_skipped"])
+        if _is_number(client_metrics.get("targets_reused")):
+            self.n_targets_reused = (self.n_targets_reused or 0) + int(client_metrics["targets_reused"])
         if strategy.conflict_coordinator is not None:
             try:
                 strategy.conflict_coordinator.observe(server_round, cid, client_metrics)
@@ -697,7 +700,8 @@ class EditMergeStrategy(Strategy, ABC):
         ``decode_seconds``, ``merge_seconds``, ``aggregate_seconds``, ``update_norm`` (Frobenius
         norm of this round's update over all layers, 0 if not applied), ``global_update_norm`` and,
         when clients reported them, ``residual_norm_mean/min/p10/median/p90/max/count``; ``n_skipped``
-        (requests the clients' residual guard skipped) when reported; with a conflict coordinator,
+        (requests the clients' residual guard skipped) when reported; ``n_targets_reused`` (layer-wise
+        clients that reused their edit round's targets) when reported; with a conflict coordinator,
         its ``conflict_*`` / ``overlap_*`` counts (:meth:`fedke.conflict.ConflictCoordinator.end_round`).
         """
         aggregation = self.begin_round(server_round)
@@ -770,6 +774,8 @@ class EditMergeStrategy(Strategy, ABC):
         metrics.update(residual_norm_summary(aggregation.norms))
         if aggregation.n_skipped is not None:
             metrics["n_skipped"] = aggregation.n_skipped
+        if aggregation.n_targets_reused is not None:
+            metrics["n_targets_reused"] = aggregation.n_targets_reused
         if self.conflict_coordinator is not None:
             metrics.update(self.conflict_coordinator.end_round(server_round))
         metrics.update(self.round_labels(server_round))

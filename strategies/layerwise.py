@@ -89,6 +89,8 @@ def edit_round_summary(steps: Sequence[Mapping[str, Any]], n_layers: int) -> dic
     steps (replies handled in the edit round); ``n_edits`` is the smallest count of accepted edits
     of any step (the edits merged into every layer; 0 when a step is missing); ``layers_applied``
     counts the steps whose merge was applied and ``applied`` says whether all ``n_layers`` were;
+    ``n_targets_reused`` (when reported) sums the clients that reused their targets (a client keeping
+    them in its ``Context.state`` reuses them in every step but the first);
     ``update_norm`` is the Frobenius norm of the edit round's whole update
     (``sqrt(sum_i ||Delta_{l_i}||^2)``, the layers being disjoint); ``global_update_norm`` is the
     last step's; the residual-norm statistics are step 0's (only step 0 reports them); ``error``
@@ -103,6 +105,8 @@ def edit_round_summary(steps: Sequence[Mapping[str, Any]], n_layers: int) -> dic
     out["layer_steps"] = int(n_layers)
     out["layers_applied"] = sum(bool(m.get("applied")) for m in by_step.values())
     out["applied"] = out["layers_applied"] == n_layers
+    if any("n_targets_reused" in m for m in by_step.values()):
+        out["n_targets_reused"] = sum(int(m.get("n_targets_reused", 0)) for m in by_step.values())
     out["update_norm"] = math.sqrt(sum(float(m.get("update_norm", 0.0)) ** 2 for m in by_step.values()))
     if by_step:
         out["global_update_norm"] = float(by_step[max(by_step)].get("global_update_norm", 0.0))
