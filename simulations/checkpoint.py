@@ -420,6 +420,12 @@ class ResumableStrategy(Strategy):
     ``aggregate_evaluate`` (the clients' federated metrics, recorded as ``federated`` rows) only
     when ``configure_evaluate`` selected clients. So the save happens in ``configure_evaluate``
     when it selects none, else in ``aggregate_evaluate``.
+
+    Rounds here are EDIT rounds. A strategy of several Flower server rounds per edit round
+    (``steps_per_round``, :class:`fedke.strategies.LayerwiseCollabEdit`: one per edited layer) is
+    checkpointed at edit-round boundaries only (after the server round that ``ends_edit_round``),
+    ``rounds_done`` counts edit rounds and Flower's rounds are shifted by ``rounds_done x
+    steps_per_round``; a crash mid edit round resumes at that edit round's first step.
     """
 
     def __init__(self, inner: Any, scenario: Scenario, writer: Any, rounds_done: int = 0) -> None:
@@ -433,8 +439,24 @@ class ResumableStrategy(Strategy):
     def __repr__(self) -> str:
         return f"ResumableStrategy({self.inner!r}, rounds_done={self.rounds_done})"
 
+    @property
+    def steps_per_round(self) -> int:
+        return int(getattr(self.inner, "steps_per_round", 1))
+
     def _round(self, server_round: int) -> int:
-        return server_round + self.rounds_done if server_round > 0 else 0
+        """Flower's ``server_round`` of this run as the inner strategy's server round (shifted)."""
+        return server_round + self.rounds_done * self.steps_per_round if server_round > 0 else 0
+
+    def _edit_round_ending(self, server_round: int) -> int | None:
+        """The edit round that Flower's ``server_round`` completes, None if it completes none."""
+        shifted = self._round(server_round)
+        if server_round <= 0:
+            return None
+        ends = getattr(self.inner, "ends_edit_round", None)
+        if ends is not None and not ends(shifted):
+            return None
+        edit_round = getattr(self.inner, "edit_round", None)
+        return edit_round(shifted) if edit_round is not None else shifted
 
     def save(self, server_round: int) -> None:
         save_checkpoint(self.scenario.checkpoint_dir, self.scenario, self.inner, server_round,
@@ -458,17 +480,19 @@ class ResumableStrategy(Strategy):
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         instructions = self.inner.configure_evaluate(self._round(server_round), parameters, client_manager)
-        if server_round > 0:
+        edit_round = self._edit_round_ending(server_round)
+        if edit_round is not None:
             if instructions:  # Flower calls aggregate_evaluate next: save there, with the federated metrics
-                self._awaiting_evaluation = self._round(server_round)
+                self._awaiting_evaluation = edit_round
             else:  # no federated evaluation this round: the server's evaluate was the last step
                 self._awaiting_evaluation = None
-                self.save(self._round(server_round))
+                self.save(edit_round)
         return instructions
 
     def aggregate_evaluate(self, server_round, results, failures):
         outcome = self.inner.aggregate_evaluate(self._round(server_round), results, failures)
-        if server_round > 0 and self._awaiting_evaluation == self._round(server_round):
+        edit_round = self._edit_round_ending(server_round)
+        if edit_round is not None and self._awaiting_evaluation == edit_round:
             self._awaiting_evaluation = None
-            self.save(self._round(server_round))
+            self.save(edit_round)
         return outcome

@@ -8,6 +8,11 @@ scenario's real result quickly.
 
 Because a single round's client payloads do not depend on the strategy, :func:`compare_methods`
 edits once and merges the same payloads with every method (Table 1 of the CollabEdit paper).
+
+Layer-wise CollabEdit (scenario key ``layerwise``; :mod:`fedke.strategies.layerwise`) runs each
+edit round as the strategy's L server rounds, one per edited layer (:func:`run_edit_round`), with
+the same clients and the same ``FitIns`` (parameters and config) Flower would carry; results stay
+numbered by edit round.
 """
 
 from __future__ import annotations
@@ -68,30 +73,61 @@ class RunOutcome:
         return self.writer.summary()
 
 
+def fit_server_round(strategy, clients: Sequence[Any], proxies: Sequence[ClientProxy], server_round: int) -> dict:
+    """One Flower server round in process: every client fits on the strategy's ``FitIns`` of
+    ``server_round`` (:meth:`~fedke.strategies.EditMergeStrategy.fit_parameters`, ``fit_config``), the
+    strategy aggregates the replies; returns the round's merge metrics."""
+    parameters = parameters_to_ndarrays(strategy.fit_parameters(server_round))
+    results = []
+    for proxy, client in zip(proxies, clients):
+        arrays, n, metrics = client.fit(parameters, strategy.fit_config(server_round, proxy.cid))
+        results.append((proxy, fit_result(arrays, n, metrics)))
+    del parameters
+    return strategy.aggregate_fit(server_round, results, [])[1]
+
+
+def run_edit_round(strategy, clients: Sequence[Any], proxies: Sequence[ClientProxy], edit_round: int) -> list[dict]:
+    """Every server round of ``edit_round`` (one, or one per edited layer for layer-wise CollabEdit);
+    returns their merge metrics. The strategy's update is complete afterwards."""
+    steps = strategy.steps_per_round
+    return [fit_server_round(strategy, clients, proxies, server_round)
+            for server_round in range((edit_round - 1) * steps + 1, edit_round * steps + 1)]
+
+
 def run_in_process(scenario: Scenario, *, output_dir: str | None = None, write: bool = True,
                    evaluate: bool = True) -> RunOutcome:
-    """Run ``scenario`` round by round in this process; returns the results and the strategy."""
+    """Run ``scenario`` edit round by edit round in this process; returns the results and the strategy."""
     writer = ResultsWriter(output_dir or scenario.output_dir, config=scenario.to_run_config(), method=scenario.strategy)
     strategy = build_strategy(scenario, evaluate=False, writer=writer, wait_for_clients=False)
     clients = [make_client(scenario, cid) for cid in range(scenario.effective_clients)]
     proxies = [LocalProxy(str(cid)) for cid in range(len(clients))]
     seconds = []
-    for server_round in range(1, scenario.num_rounds + 1):
+    for edit_round in range(1, scenario.num_rounds + 1):
         started = time.perf_counter()
-        parameters = parameters_to_ndarrays(strategy.update_parameters())
-        results = []
-        for proxy, client in zip(proxies, clients):
-            arrays, n, metrics = client.fit(parameters, strategy.fit_config(server_round, proxy.cid))
-            results.append((proxy, fit_result(arrays, n, metrics)))
-        strategy.aggregate_fit(server_round, results, [])
+        run_edit_round(strategy, clients, proxies, edit_round)
         seconds.append(time.perf_counter() - started)
-        log.info("round %d/%d merged in %.1f s", server_round, scenario.num_rounds, seconds[-1])
+        log.info("round %d/%d merged in %.1f s", edit_round, scenario.num_rounds, seconds[-1])
         if evaluate:
-            metrics = evaluate_update(scenario, strategy.global_update, server_round)
-            writer.record(server_round, metrics)
+            metrics = evaluate_update(scenario, strategy.global_update, edit_round)
+            writer.record(edit_round, metrics)
     if write:
         writer.write()
     return RunOutcome(scenario, writer, strategy, seconds)
+
+
+def layerwise_collab(scenario: Scenario, clients: Sequence[Any] | None = None):
+    """Layer-wise CollabEdit of the scenario's first edit round through the Flower strategy
+    (:class:`fedke.strategies.LayerwiseCollabEdit`) and ``clients`` (default: the scenario's);
+    returns ``(strategy, seconds)``. Clients keep their targets in their ``state`` between steps, so
+    clients that already ran this round (or share its state) reuse them."""
+    layered = replace(scenario, strategy="collabedit", layerwise="true")
+    strategy = build_strategy(layered, evaluate=False, wait_for_clients=False)
+    if clients is None:
+        clients = [make_client(layered, cid) for cid in range(layered.num_clients)]
+    proxies = [LocalProxy(str(cid)) for cid in range(len(clients))]
+    started = time.perf_counter()
+    run_edit_round(strategy, clients, proxies, 1)
+    return strategy, time.perf_counter() - started
 
 
 @dataclass
@@ -101,7 +137,8 @@ class Comparison:
     writer: ResultsWriter
     updates: dict[str, dict[str, np.ndarray]]
     seconds: dict[str, float]
-    replies: list = field(default_factory=list)  # the clients' (proxy, FitRes), to merge again
+    replies: list = field(default_factory=list)  # the clients' one-shot (proxy, FitRes), to merge again
+    clients: list = field(default_factory=list)  # the EditClients (their state holds layer-wise targets)
 
     @property
     def summary(self):
@@ -113,7 +150,11 @@ def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", 
     """One round, the same edits, merged by every method; Global-Edit edits all requests at once.
 
     ``summary`` of the result is the paper's Table 1 on the world; ``updates`` holds each
-    method's merged update (to compare CollabEdit with Global-Edit exactly).
+    method's merged update (to compare CollabEdit with Global-Edit exactly). When the scenario
+    runs CollabEdit layer-wise (``layerwise``; ``"auto"`` with ``editor-mode = "sequential"``),
+    ``"CollabEdit"`` is layer-wise CollabEdit through its Flower strategy and the same clients
+    (:func:`layerwise_collab`; its ``seconds`` entry covers the clients' sub-rounds too) and the
+    one-shot merge of the clients' sequential payloads is ``"CollabEdit (one-shot)"``.
     """
     if scenario.num_rounds != 1:
         raise ValueError("compare_methods runs single-round scenarios (num-rounds = 1)")
@@ -123,6 +164,7 @@ def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", 
     if include_unedited:
         writer.record(1, evaluate_update(scenario, {}, 1, cases), method="Unedited")
     base = replace(scenario, strategy="collabedit")
+    layerwise = base.layerwise_enabled and "collabedit" in methods
     clients = [make_client(base, cid) for cid in range(base.num_clients)]
     started = time.perf_counter()
     replies = [(LocalProxy(str(i)), fit_result(*client.fit([], {"server_round": 1})))
@@ -131,12 +173,18 @@ def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", 
     log.info("%d clients edited in %.1f s", len(clients), seconds["client_edits"])
     updates: dict[str, dict[str, np.ndarray]] = {}
     for method in methods:
-        strategy = build_strategy(replace(scenario, strategy=method), evaluate=False, wait_for_clients=False)
+        label = ONE_SHOT_LABEL if layerwise and method == "collabedit" else _label(method)
+        strategy = build_strategy(replace(scenario, strategy=method, layerwise="false"), evaluate=False,
+                                  wait_for_clients=False)
         started = time.perf_counter()
         strategy.aggregate_fit(1, replies, [])
-        seconds[_label(method)] = time.perf_counter() - started
-        updates[_label(method)] = {k: v.copy() for k, v in strategy.global_update.items()}
-        writer.record(1, evaluate_update(scenario, strategy.global_update, 1, cases), method=_label(method))
+        seconds[label] = time.perf_counter() - started
+        updates[label] = {k: v.copy() for k, v in strategy.global_update.items()}
+        writer.record(1, evaluate_update(scenario, strategy.global_update, 1, cases), method=label)
+    if layerwise:
+        strategy, seconds["CollabEdit"] = layerwise_collab(base, clients)
+        updates["CollabEdit"] = {k: v.copy() for k, v in strategy.global_update.items()}
+        writer.record(1, evaluate_update(scenario, strategy.global_update, 1, cases), method="CollabEdit")
     if include_global:
         editor = bed.editor(**scenario.memit_overrides())
         started = time.perf_counter()
@@ -144,7 +192,11 @@ def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", 
         seconds["GlobalEdit"] = time.perf_counter() - started
         updates["GlobalEdit"] = payload.deltas()
         writer.record(1, evaluate_update(scenario, payload.deltas(), 1, cases), method="GlobalEdit")
-    return Comparison(writer, updates, seconds, replies)
+    return Comparison(writer, updates, seconds, replies, clients)
+
+
+#: The method name of one-shot CollabEdit in :func:`compare_methods` when CollabEdit runs layer-wise.
+ONE_SHOT_LABEL = "CollabEdit (one-shot)"
 
 
 def _label(method: str) -> str:

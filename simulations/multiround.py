@@ -18,6 +18,10 @@ metric, value`` (:class:`fedke.simulations.results.ResultsWriter`):
 All of a round's sets are scored in one batched evaluation. A scenario without ``forgetting``
 gets the single set ``all`` (every request edited so far), as the ServerApp's oracle records it.
 
+Rounds are edit rounds: with layer-wise CollabEdit (``layerwise``) each is the strategy's L server
+rounds, one per edited layer (:func:`fedke.simulations.inprocess.run_edit_round`), and checkpoints
+are written at edit-round boundaries.
+
 Long runs: nothing grows with the rounds but the metrics rows (a few dozen small dicts per round)
 and the strategy's per-round metrics dicts; payloads are dropped after each merge and no model is
 ever copied (clients apply the cumulative update to the one shared model and restore it bit for
@@ -34,14 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from flwr.common import parameters_to_ndarrays
 
 from fedke.editing.weights import applied_update
 from fedke.eval import aggregate, evaluate_cases
 
 from .checkpoint import resume_point, restore, save_checkpoint
 from .client_app import make_client
-from .inprocess import LocalProxy, _label, fit_result
+from .inprocess import LocalProxy, _label, run_edit_round
 from .results import ResultsWriter
 from .runtime import dealt_cases_for, testbed_for
 from .scenario import Scenario
@@ -173,13 +176,9 @@ def run_multiround(scenario: Scenario, *, output_dir: str | None = None, write: 
     clients = [make_client(scenario, cid) for cid in range(scenario.effective_clients)]
     proxies = [LocalProxy(str(cid)) for cid in range(len(clients))]
     outcome = MultiRoundOutcome(scenario, writer, strategy, first)
-    for server_round in range(first, scenario.num_rounds + 1):
+    for server_round in range(first, scenario.num_rounds + 1):  # edit rounds (layer-wise: L server rounds each)
         started = time.perf_counter()
-        parameters = parameters_to_ndarrays(strategy.update_parameters())
-        results = [(proxy, fit_result(*client.fit(parameters, strategy.fit_config(server_round, proxy.cid))))
-                   for proxy, client in zip(proxies, clients)]
-        strategy.aggregate_fit(server_round, results, [])
-        del results, parameters
+        run_edit_round(strategy, clients, proxies, server_round)
         merged = time.perf_counter()
         metrics = evaluate_round(scenario, strategy.global_update, server_round)
         for name, values in metrics.items():

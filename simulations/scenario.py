@@ -12,6 +12,7 @@ Every key of the run config has a field here (hyphens become underscores)::
     model-layers = 4             # the world model (its cache key)
     model-width = 128
     editor-mode = "decoupled"    # decoupled | sequential
+    layerwise = "auto"           # auto | true | false: layer-wise CollabEdit (one edited layer per server round)
     fact-token = "last"          # last | subject_last
     lam = 300.0                  # MEMIT's mom2_update_weight
     ta-lambda = 1.0              # Task Arithmetic scale
@@ -58,6 +59,16 @@ with ``A_t`` (see :class:`fedke.strategies.CollabEdit`). The baselines (fedavg, 
 ties) merge deltas only and refuse it. ``checkpoint-dir`` / ``resume`` do not enter the run's
 fingerprint (:mod:`fedke.simulations.checkpoint`); every other key does.
 
+``layerwise`` (CollabEdit and Global-Edit only; :mod:`fedke.strategies.layerwise`): ``"true"`` runs
+every edit round as L Flower server rounds, one per edited layer, which makes the merge of
+*sequential* MEMIT exact (equal to sequential Global-Edit); ``"false"`` is the one-shot merge (exact
+for ``editor-mode = "decoupled"``, about 12 Score points short for sequential payloads at 10 x 50);
+``"auto"`` (the default) is ``"true"`` for ``editor-mode = "sequential"`` and ``"false"`` otherwise,
+and also ``"false"`` where layer-wise does not combine: the baselines, ``secure-aggregation``,
+``residual-guard > 0`` or ``conflict-detection`` (``"true"`` with any of those, or with the decoupled
+mode, is refused). ``num-rounds`` counts edit rounds either way: a layer-wise run has
+``num-rounds x L`` Flower server rounds, and its results and oracle rows are numbered by edit round.
+
 Presets in ``fedke/simulations/presets/*.toml`` hold such keys; use them with
 ``fedke run -c simulations/presets/<name>.toml .`` or ``flwr run . --run-config simulations/presets/<name>.toml`` (or with a path of your own).
 """
@@ -92,6 +103,7 @@ class Scenario:
     model_layers: int = 4
     model_width: int = 128
     editor_mode: str = "decoupled"
+    layerwise: str = "auto"
     fact_token: str = "last"
     lam: float = 300.0
     ta_lambda: float = 1.0
@@ -133,6 +145,7 @@ class Scenario:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         self._check_multiround()
         self._check_overlap_conflict()
+        self._check_layerwise()
         if self.secure_aggregation and (self.strategy != "collabedit" or self.num_clients < 2):
             raise ValueError("secure-aggregation = true needs strategy collabedit with at least 2 clients "
                              f"(SecAgg+ sums; got strategy {self.strategy!r}, {self.num_clients} client(s))")
@@ -186,6 +199,41 @@ class Scenario:
         if not 0 <= self.conflict_pairs <= self.num_clients * self.edits_per_client:
             raise ValueError(f"conflict-pairs must be in 0..num-clients x edits-per-client "
                              f"({self.num_clients * self.edits_per_client}), got {self.conflict_pairs}")
+
+    def _layerwise_conflicts(self) -> list[str]:
+        """What keeps this scenario from running layer-wise CollabEdit (empty when it can)."""
+        reasons = []
+        if self.strategy_class_name != "collabedit":
+            reasons.append(f"strategy {self.strategy!r} (layer-wise is CollabEdit / Global-Edit only)")
+        if self.secure_aggregation:
+            reasons.append("secure-aggregation = true")
+        if self.residual_guard > 0:
+            reasons.append(f"residual-guard = {self.residual_guard}")
+        if self.conflict_detection != "off":
+            reasons.append(f"conflict-detection = {self.conflict_detection!r}")
+        return reasons
+
+    def _check_layerwise(self) -> None:
+        """The ``layerwise`` key (see the module docstring)."""
+        value = str(self.layerwise).strip().lower()
+        if value not in ("auto", "true", "false"):
+            raise ValueError(f"layerwise must be 'auto', 'true' or 'false', got {self.layerwise!r}")
+        object.__setattr__(self, "layerwise", value)
+        if value != "true":
+            return
+        reasons = self._layerwise_conflicts()
+        if self.editor_mode != "sequential":
+            reasons.insert(0, f"editor-mode = {self.editor_mode!r} (layer-wise is for sequential MEMIT; "
+                              "one-shot CollabEdit of decoupled payloads is already exact)")
+        if reasons:
+            raise ValueError(f"layerwise = 'true' does not combine with {'; '.join(reasons)}")
+
+    @property
+    def layerwise_enabled(self) -> bool:
+        """Whether edit rounds run layer-wise (``"true"``, or ``"auto"`` with sequential MEMIT where it combines)."""
+        if self.layerwise == "true":
+            return True
+        return self.layerwise == "auto" and self.editor_mode == "sequential" and not self._layerwise_conflicts()
 
     @property
     def dynamic_covariance(self) -> tuple[float, float] | None:

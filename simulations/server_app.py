@@ -4,6 +4,10 @@ The server loads the world model (training and caching it on first use, before a
 needs it) and its covariance statistics: CollabEdit merges with ``lam * C``. After every round
 it evaluates the global model on every request edited so far (an ORACLE only a simulation can
 have) and rewrites the results table in ``output-dir``.
+
+With layer-wise CollabEdit (``layerwise``, :mod:`fedke.strategies.layerwise`) an edit round is L
+Flower server rounds (one per edited layer): the server runs ``num-rounds x L`` of them, and the
+results, the oracle and the checkpoints are numbered by edit round.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def build_strategy(scenario: Scenario, *, evaluate: bool = True, writer: Results
         kwargs["on_evaluate_end"] = lambda server_round, metrics: _record_and_write(writer, server_round, metrics)
     if scenario.secure_aggregation:
         return _secagg_strategy(scenario, bed, specs, kwargs)
+    if scenario.layerwise_enabled:
+        return make_strategy("layerwise_collabedit", **kwargs)
     return make_strategy(scenario.strategy_class_name, **kwargs)
 
 
@@ -101,15 +107,16 @@ def server_fn(context: Context) -> ServerAppComponents:
     if scenario.forgetting:
         writer.summary_set = "old"  # the old edits, whose forgetting the run measures
     strategy = build_strategy(scenario, writer=writer)
+    steps = strategy.steps_per_round  # Flower server rounds per edit round (layer-wise: one per layer)
     num_rounds = scenario.num_rounds
-    if scenario.checkpoint_dir:  # save after every round; resume = true continues the last complete one
+    if scenario.checkpoint_dir:  # save after every edit round; resume = true continues the last complete one
         from .checkpoint import ResumableStrategy, restore, resume_point
 
         checkpoint = resume_point(scenario)
         done = restore(checkpoint, strategy, writer) - 1 if checkpoint is not None else 0
         strategy = ResumableStrategy(strategy, scenario, writer, rounds_done=done)
         num_rounds -= done
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=num_rounds))
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=num_rounds * steps))
 
 
 app = ServerApp()

@@ -149,3 +149,30 @@ def test_flwr_run_equals_the_in_process_loop_and_global_edit(tiny_bed, cache_dir
     want = _metrics(global_reference, 1)
     for metric in METRICS:
         assert global_final[metric] == pytest.approx(want[metric], abs=1e-6), metric
+
+
+@pytest.mark.slow
+@needs_proc
+def test_flwr_run_layerwise_collabedit_keeps_targets_in_context_state(tiny_bed, cache_dir, tmp_path, one_thread):
+    """Sequential MEMIT under `flwr run` runs layer-wise CollabEdit (layerwise = "auto"): one edit round
+    is 2 Flower rounds (the tiny model edits 2 layers), the SuperNodes' Context.state carries each
+    client's targets from step 0 to step 1, and the result is the in-process loop's."""
+    from fedke.simulations.inprocess import run_in_process
+    from fedke.simulations.scenario import Scenario
+
+    config = {**load_run_config(TINY_PRESET), "cache-dir": str(cache_dir), "editor-mode": "sequential",
+              "num-rounds": 1}
+    result, table, payload = _flower_run(tmp_path, "layerwise", config, num_supernodes=3)
+    assert "(3 simulated SuperNodes)" in result.log_text
+    assert set(table["round"]) == {1}
+    merge = _metrics(table, 1, "merge")
+    assert merge["layer_steps"] == 2 and merge["layers_applied"] == 2 and merge["n_edits"] == 12
+    assert merge["n_targets_reused"] == 3  # every client reused its step-0 targets in step 1
+    scenario = Scenario.from_run_config({**config, "output-dir": str(tmp_path / "inprocess")})
+    reference = run_in_process(scenario, write=False).writer.table()
+    got, want = _metrics(table, 1), _metrics(reference, 1)
+    for metric in METRICS:
+        assert got[metric] == pytest.approx(want[metric], abs=1e-6), metric
+    want = _metrics(reference, 1, "merge")
+    for metric in ("n_accepted", "n_edits", "update_norm", "global_update_norm", "residual_norm_mean"):
+        assert merge[metric] == pytest.approx(want[metric], rel=1e-6, abs=1e-9), metric
