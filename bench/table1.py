@@ -5,9 +5,14 @@
 Each client edits its requests once; the same payloads are merged by CollabEdit, FedAvg,
 TaskArithmetic and TIES; Global-Edit edits all requests in one call. Writes
 {"methods": {name: {ES, PS, NS, Score, EA, PA, NA, AccScore}}, "collab_vs_global_rel_error",
-"config", "seconds"}. With ``--mode sequential`` it also runs layer-wise CollabEdit
-(:mod:`fedke.layerwise`, one exchange per edited layer) and adds ``"layerwise_collab"``: its
-metrics and its merged update's relative error against sequential Global-Edit.
+"config", "seconds"}.
+
+With ``--mode sequential`` CollabEdit is layer-wise CollabEdit through its Flower strategy and the
+same clients (:class:`fedke.strategies.LayerwiseCollabEdit`, one server round per edited layer;
+the scenario's ``layerwise = "auto"``): the ``CollabEdit`` row and ``collab_vs_global_rel_error``
+are that path's, ``"layerwise_collab"`` repeats its metrics, error and seconds, and the one-shot
+merge of the clients' sequential payloads stays in the table as ``CollabEdit (one-shot)`` with its
+own errors (``one_shot_collab_vs_global_rel_error``, ``..._float32_wire``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from dataclasses import replace  # noqa: E402
 from flwr.common import parameters_to_ndarrays  # noqa: E402
 
 from fedke.codec import decode_payload, encode_payload  # noqa: E402
-from fedke.simulations.inprocess import compare_methods, fit_result  # noqa: E402
+from fedke.simulations.client_app import make_client  # noqa: E402
+from fedke.simulations.inprocess import ONE_SHOT_LABEL, compare_methods, fit_result, layerwise_collab  # noqa: E402
 from fedke.simulations.runtime import dealt_cases_for, evaluate_update  # noqa: E402
 from fedke.simulations.server_app import build_strategy  # noqa: E402
 from fedke.simulations.scenario import Scenario  # noqa: E402
@@ -44,32 +50,25 @@ def comparison_cases(scenario):
 
 
 def merge_at_float32(scenario, comparison):
-    """CollabEdit over the same client payloads sent as float32: (error vs Global-Edit, update)."""
+    """One-shot CollabEdit over the same client payloads sent as float32: (error vs Global-Edit, update)."""
     replies = []
     for proxy, res in comparison.replies:
         payload = decode_payload(parameters_to_ndarrays(res.parameters))
         replies.append((proxy, fit_result(encode_payload(payload, dtype=np.float32), res.num_examples, {})))
-    strategy = build_strategy(replace(scenario, strategy="collabedit", wire_dtype="float32"), evaluate=False,
-                              wait_for_clients=False)
+    strategy = build_strategy(replace(scenario, strategy="collabedit", wire_dtype="float32", layerwise="false"),
+                              evaluate=False, wait_for_clients=False)
     strategy.aggregate_fit(1, replies, [])
     return relative_error(strategy.global_update, comparison.updates["GlobalEdit"]), strategy.global_update
 
 
-def run_layerwise(scenario, global_update) -> dict:
-    """Layer-wise CollabEdit (fedke.layerwise) over the same clients' requests: its metrics and its
-    merged update's relative error against sequential Global-Edit."""
-    from fedke.layerwise import layerwise_collab_edit
-    from fedke.simulations.runtime import testbed_for
-
-    dealt = dealt_cases_for(scenario)
-    clients = [[case.request for case in dealt[cid, 1]] for cid in range(scenario.num_clients)]
-    editor = testbed_for(scenario).editor(**scenario.memit_overrides())
-    started = time.perf_counter()
-    update = layerwise_collab_edit(editor, clients)
-    seconds = time.perf_counter() - started
-    metrics = evaluate_update(scenario, update, 1, comparison_cases(scenario))
-    return {**{m: float(metrics[m]) for m in METRICS}, "rel_error_vs_global": relative_error(update, global_update),
-            "layers": list(update), "seconds": seconds}
+def layerwise_at_float32(scenario, comparison):
+    """Layer-wise CollabEdit with every array on the wire in float32, the same clients' requests; their
+    targets (kept in the clients' state, keyed by the round-start update's values) are reused.
+    Returns (error vs Global-Edit, update, seconds)."""
+    wire32 = replace(scenario, wire_dtype="float32")
+    clients = [make_client(wire32, cid, state=client.state) for cid, client in enumerate(comparison.clients)]
+    strategy, seconds = layerwise_collab(wire32, clients)
+    return relative_error(strategy.global_update, comparison.updates["GlobalEdit"]), strategy.global_update, seconds
 
 
 def main(argv=None) -> dict:
@@ -99,34 +98,49 @@ def main(argv=None) -> dict:
     comparison = compare_methods(scenario)
     seconds = time.perf_counter() - started
     summary = comparison.summary
+    cases = comparison_cases(scenario)
+    layerwise = ONE_SHOT_LABEL in comparison.updates  # sequential MEMIT: CollabEdit runs layer-wise
     error = relative_error(comparison.updates["CollabEdit"], comparison.updates["GlobalEdit"])
-    error_f32, collab_f32 = merge_at_float32(scenario, comparison)
+    one_shot_f32_error, one_shot_f32 = merge_at_float32(scenario, comparison)
+    if layerwise:
+        error_f32, collab_f32, seconds_f32 = layerwise_at_float32(scenario, comparison)
+    else:
+        error_f32, collab_f32 = one_shot_f32_error, one_shot_f32
     if args.wire_dtype == "float32":  # the table shows what a float32 deployment gets
-        methods_f32 = evaluate_update(scenario, collab_f32, 1, comparison_cases(scenario))
-        summary.loc["CollabEdit", list(methods_f32)] = list(methods_f32.values())
-    order = ["Unedited", "GlobalEdit", "CollabEdit", "FedAvg", "TaskArithmetic", "TIES"]
+        rows_f32 = {"CollabEdit": collab_f32, **({ONE_SHOT_LABEL: one_shot_f32} if layerwise else {})}
+        for name, update in rows_f32.items():
+            methods_f32 = evaluate_update(scenario, update, 1, cases)
+            summary.loc[name, list(methods_f32)] = list(methods_f32.values())
+    order = ["Unedited", "GlobalEdit", "CollabEdit", ONE_SHOT_LABEL, "FedAvg", "TaskArithmetic", "TIES"]
     methods = {name: {m: float(summary.loc[name, m]) for m in METRICS} for name in order if name in summary.index}
     rows = [{"method": name, **values} for name, values in methods.items()]
+    collab_name = "layer-wise CollabEdit (Flower strategy)" if layerwise else "CollabEdit"
     print_table(rows, ["method", *METRICS], f"Table 1 on the world: {scenario.num_clients} clients x "
-                f"{scenario.edits_per_client} edits, {args.mode} MEMIT, lambda {scenario.lam:g}")
+                f"{scenario.edits_per_client} edits, {args.mode} MEMIT, lambda {scenario.lam:g}"
+                + (f"; CollabEdit = {collab_name}" if layerwise else ""))
     global_score = methods["GlobalEdit"]
-    print(f"\nCollabEdit vs Global-Edit merged update: relative Frobenius error {error:.3g} with float64 "
+    print(f"\n{collab_name} vs Global-Edit merged update: relative Frobenius error {error:.3g} with float64 "
           f"payloads, {error_f32:.3g} with float32 payloads (the table's CollabEdit row: {args.wire_dtype})")
-    for name in ("FedAvg", "TaskArithmetic", "TIES"):
+    one_shot_error = None
+    if layerwise:
+        one_shot_error = relative_error(comparison.updates[ONE_SHOT_LABEL], comparison.updates["GlobalEdit"])
+        print(f"one-shot CollabEdit of the sequential payloads vs Global-Edit: relative error {one_shot_error:.3g} "
+              f"(float64), {one_shot_f32_error:.3g} (float32)")
+    for name in (["CollabEdit", ONE_SHOT_LABEL] if layerwise else []) + ["FedAvg", "TaskArithmetic", "TIES"]:
         gap = (global_score["Score"] - methods[name]["Score"], global_score["AccScore"] - methods[name]["AccScore"])
-        print(f"{name:15s} below Global-Edit by {gap[0]:6.1f} Score, {gap[1]:6.1f} AccScore")
-    layerwise = None
-    if args.mode == "sequential":
-        layerwise = run_layerwise(scenario, comparison.updates["GlobalEdit"])
-        print(f"\nLayer-wise CollabEdit ({len(layerwise['layers'])} sub-rounds): Score {layerwise['Score']:.1f}, "
-              f"AccScore {layerwise['AccScore']:.1f}; merged update vs Global-Edit relative error "
-              f"{layerwise['rel_error_vs_global']:.3g} (one-shot CollabEdit: {error:.3g})")
+        print(f"{name:22s} below Global-Edit by {gap[0]:6.1f} Score, {gap[1]:6.1f} AccScore")
     result = {"methods": methods, "collab_vs_global_rel_error": error,
               "collab_vs_global_rel_error_float32_wire": error_f32, "wire_dtype": args.wire_dtype,
               "config": scenario.to_run_config(), "seconds": {**comparison.seconds, "total": seconds},
               "peak_rss_mb": peak_rss_mb()}
-    if layerwise is not None:
-        result["layerwise_collab"] = layerwise
+    if layerwise:
+        result["one_shot_collab_vs_global_rel_error"] = one_shot_error
+        result["one_shot_collab_vs_global_rel_error_float32_wire"] = one_shot_f32_error
+        result["layerwise_collab"] = {**methods["CollabEdit"], "rel_error_vs_global": error,
+                                      "rel_error_vs_global_float32_wire": error_f32,
+                                      "layers": list(comparison.updates["CollabEdit"]),
+                                      "seconds": comparison.seconds["CollabEdit"], "seconds_float32_rerun": seconds_f32,
+                                      "path": "fedke.strategies.LayerwiseCollabEdit + EditClient sub-rounds"}
     write_json(args.out, result)
     return result
 
