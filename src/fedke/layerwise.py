@@ -16,8 +16,11 @@ round's starting model, and sends K_iK_i^T and R_iK_i^T for layer l_i only; the 
 and broadcasts it. Keys and residuals are per request, so the sums equal those of one sequential
 edit of all requests, and the result equals sequential Global-Edit (up to float rounding). The
 price is L exchanges per round instead of one; nothing but K K^T and R K^T crosses the wire, as in
-one-shot CollabEdit. This module is the in-process driver (no Flower); a Flower deployment runs
-the same sub-rounds with :meth:`fedke.editing.MemitEditor.layer_payload` on each client.
+one-shot CollabEdit. This module is the in-process driver (no Flower, one editor for every client),
+the reference the Flower path is tested against: :class:`fedke.strategies.LayerwiseCollabEdit`
+runs the same sub-rounds as Flower server rounds with
+:class:`fedke.simulations.client.EditClient` (:meth:`fedke.editing.MemitEditor.layer_payload`) on
+each client (scenario key ``layerwise``).
 """
 
 from __future__ import annotations
