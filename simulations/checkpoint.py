@@ -79,8 +79,17 @@ class CheckpointError(ValueError):
 
 
 def fingerprint_config(scenario: Scenario) -> dict[str, Any]:
-    """The settings that determine a run's results (every key but :data:`RUN_CONTROL_KEYS`)."""
-    return {key: value for key, value in sorted(asdict(scenario).items()) if key not in RUN_CONTROL_KEYS}
+    """The settings that determine a run's results (every key but :data:`RUN_CONTROL_KEYS`).
+
+    ``layerwise`` enters as what it decides: ``layerwise = True`` when the run is layer-wise, absent
+    otherwise (``"auto"`` with the decoupled mode and ``"false"`` compute the same, as did runs
+    checkpointed before the key existed).
+    """
+    config = {key: value for key, value in sorted(asdict(scenario).items()) if key not in RUN_CONTROL_KEYS}
+    del config["layerwise"]
+    if scenario.layerwise_enabled:
+        config["layerwise"] = True
+    return dict(sorted(config.items()))
 
 
 def run_fingerprint(scenario: Scenario) -> str:

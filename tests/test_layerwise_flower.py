@@ -69,6 +69,17 @@ def test_layerwise_key_auto_true_false(sequential):
     assert replace(sequential, strategy="global").layerwise_enabled
 
 
+def test_the_run_fingerprint_holds_whether_the_run_is_layerwise(sequential):
+    from fedke.simulations.checkpoint import fingerprint_config, run_fingerprint
+
+    decoupled = replace(sequential, editor_mode="decoupled")
+    assert run_fingerprint(decoupled) == run_fingerprint(replace(decoupled, layerwise="false"))
+    assert "layerwise" not in fingerprint_config(decoupled)
+    assert run_fingerprint(sequential) == run_fingerprint(replace(sequential, layerwise="true"))
+    assert run_fingerprint(sequential) != run_fingerprint(replace(sequential, layerwise="false"))
+    assert fingerprint_config(sequential)["layerwise"] is True
+
+
 def test_server_app_runs_num_rounds_times_the_layers(sequential):
     from fedke.simulations.server_app import server_fn
     from fedke.strategies import CollabEdit, LayerwiseCollabEdit

@@ -19,7 +19,7 @@ import pandas as pd
 # here so plotting does not import Flower).
 METRIC_ORDER = ["ES", "PS", "NS", "Score", "EA", "PA", "NA", "AccScore"]
 # The order and look of the methods: the lossless merges first, then the destructive baselines.
-METHOD_ORDER = ["GlobalEdit", "CollabEdit", "FedAvg", "TaskArithmetic", "TIES", "Unedited"]
+METHOD_ORDER = ["GlobalEdit", "CollabEdit", "CollabEdit (one-shot)", "FedAvg", "TaskArithmetic", "TIES", "Unedited"]
 METHOD_STYLE = {
     "GlobalEdit": {"color": "black", "marker": "s", "linestyle": ":"},
     "CollabEdit": {"color": "tab:blue", "marker": "o", "linestyle": "-"},
