@@ -140,6 +140,33 @@ def test_dynamic_regulariser_override(tiny_bed):
     assert np.linalg.norm(b.layers[name].delta) < np.linalg.norm(a.layers[name].delta)
 
 
+@pytest.mark.parametrize("mode", ["decoupled", "sequential"])
+def test_passes_repeat_the_edit_with_fixed_targets_on_the_edited_model(tiny_bed, mode):
+    requests = _requests(tiny_bed, 6)
+    one = tiny_bed.editor(mode=mode)
+    targets = one.compute_targets(requests)
+    first = one.edit(requests, targets=targets)
+    with applied_update(tiny_bed.model, first.deltas()):  # pass 2 = the same edit on the edited model
+        second = one.edit(requests, targets=targets)
+    two_editor = tiny_bed.editor(mode=mode, passes=2)
+    two, internals = two_editor.edit_with_internals(requests, targets=targets)
+    regs = two_editor.regularisers()
+    for name, layer in two.layers.items():
+        expected = first.layers[name].delta + second.layers[name].delta
+        np.testing.assert_allclose(layer.delta, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+        np.testing.assert_allclose(layer.kkt, first.layers[name].kkt)  # the first pass's keys
+        np.testing.assert_allclose(layer.delta @ (regs[name] + layer.kkt), layer.rkt, rtol=1e-8,
+                                   atol=1e-9 * np.abs(layer.rkt).max())
+        np.testing.assert_allclose(internals.keys[name] @ internals.keys[name].T, first.layers[name].kkt)
+    # a second pass brings the edited model's outputs closer to the targets
+    def residual(update):
+        with applied_update(tiny_bed.model, update):
+            _, current = one._keys_and_outputs(requests)
+        return float((targets.z - current).norm())
+
+    assert residual(two.deltas()) < residual(first.deltas())
+
+
 # ---------------------------------------------------------------------- bad input
 def test_subject_not_in_prompt():
     with pytest.raises(RecordError, match="placeholder"):
@@ -169,6 +196,9 @@ def test_bad_config():
         MemitConfig(mode="parallel")
     with pytest.raises(ValueError, match="fact_token"):
         MemitConfig(fact_token="first")
+    for passes in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="passes"):
+            MemitConfig(passes=passes)
 
 
 # ---------------------------------------------------------------------- families

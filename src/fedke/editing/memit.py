@@ -12,6 +12,13 @@ For requests j = 1..M and edited layers l_1 < ... < l_L:
 3. **Residuals** ``R_l`` (d_out x M): ``(z - h_L(current model)) / (L - i)`` (``"remaining"``, the
    reference) or ``/ L`` (``"even"``).
 4. **Solve** ``Delta_l = R_l K_l^T (lam C_l + K_l K_l^T)^-1`` in float64 by Cholesky.
+5. **Passes** (``passes = P``, default 1 = MEMIT): steps 2-4 run P times with the targets of
+   step 1 fixed, each pass on the model holding the earlier passes' update, and the deltas add
+   up. Pass p is exactly "the same edit merged again" (CollabEdit eq. 6: the residual left by
+   the earlier passes is solved for again), so the residual shrinks where the keys allow it.
+   On a small model whose keys are crowded, one pass realises only part of each residual
+   (MEMIT's solve is a compromise between requests sharing key directions); further passes
+   trade more of the edit for more damage to neighbours.
 
 Modes: ``"sequential"`` is stock MEMIT (each layer's update is written before the next layer's
 keys and residual are computed); ``"decoupled"`` takes every layer's keys and residual from the
@@ -60,6 +67,7 @@ class MemitConfig:
     v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor: target optimisation.
     loss_stop: stop optimising once every request's mean target NLL is below this.
     residual_split: ``"remaining"`` (reference: divide by the layers left) or ``"even"`` (by L).
+    passes: how many times keys, residuals and solves run with the targets fixed (1: MEMIT).
     kl_prompt: the essence prompt of the KL term.
     context_templates: prefixes, each holding ``{}`` for the prompt; ``None`` samples
         ``n_context`` prefixes of ``context_length`` tokens from the model (seeded).
@@ -77,6 +85,7 @@ class MemitConfig:
     kl_factor: float = 0.0625
     loss_stop: float = 5e-2
     residual_split: Literal["remaining", "even"] = "remaining"
+    passes: int = 1
     kl_prompt: str = "{} is a"
     context_templates: tuple[str, ...] | None = None
     n_context: int = 5
@@ -94,6 +103,8 @@ class MemitConfig:
             raise ValueError("lam must be non-negative")
         if self.cov_ridge < 0:
             raise ValueError("cov_ridge must be non-negative")
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
+            raise ValueError(f"passes must be a positive integer, got {self.passes!r}")
         if self.context_templates is not None and not all("{}" in t for t in self.context_templates):
             raise ValueError("every context template must hold '{}' for the prompt")
 
@@ -265,20 +276,27 @@ class MemitEditor:
                 targets, h_init = targets.z.to(self.device), targets.h_init.to(self.device)
             internals.targets = targets.cpu().numpy()
             residual_norms = (targets - h_init).norm(dim=1).cpu().numpy().astype(np.float64)
-            layers: dict[str, LayerPayload] = {}
-            keys_all = current_all = None
+            passes: list[dict[str, LayerPayload]] = []
             n_layers = len(self.layer_names)
-            for i, name in enumerate(self.layer_names):
-                if self.config.mode == "sequential" or keys_all is None:
-                    keys_all, current_all = self._keys_and_outputs(requests)
-                keys = keys_all[name]  # (d_in, M) float64
-                remaining = n_layers - i if self.config.residual_split == "remaining" else n_layers
-                residuals = (targets - current_all).T.to(torch.float64) / remaining  # (d_out, M)
-                layers[name] = _solve_layer(residuals, keys, torch.as_tensor(regs[name], device=keys.device))
-                internals.keys[name] = keys.cpu().numpy()
-                internals.residuals[name] = residuals.cpu().numpy()
-                if self.config.mode == "sequential":
-                    applied.append(apply_update(self.model, {name: layers[name].delta}))
+            for _ in range(self.config.passes):
+                layers: dict[str, LayerPayload] = {}
+                keys_all = current_all = None
+                for i, name in enumerate(self.layer_names):
+                    if self.config.mode == "sequential" or keys_all is None:
+                        keys_all, current_all = self._keys_and_outputs(requests)
+                    keys = keys_all[name]  # (d_in, M) float64
+                    remaining = n_layers - i if self.config.residual_split == "remaining" else n_layers
+                    residuals = (targets - current_all).T.to(torch.float64) / remaining  # (d_out, M)
+                    layers[name] = _solve_layer(residuals, keys, torch.as_tensor(regs[name], device=keys.device))
+                    if not passes:  # the internals are the first pass's
+                        internals.keys[name] = keys.cpu().numpy()
+                        internals.residuals[name] = residuals.cpu().numpy()
+                    if self.config.mode == "sequential":
+                        applied.append(apply_update(self.model, {name: layers[name].delta}))
+                if self.config.mode == "decoupled" and len(passes) + 1 < self.config.passes:
+                    applied.append(apply_update(self.model, {name: layer.delta for name, layer in layers.items()}))
+                passes.append(layers)
+            layers = passes[0] if len(passes) == 1 else _sum_passes(passes, regs)
             payload = EditPayload(layers=layers, n_edits=len(requests), residual_norms=residual_norms)
             return payload, internals
         finally:
@@ -530,6 +548,21 @@ def _solve_layer(residuals: torch.Tensor, keys: torch.Tensor, regulariser: torch
     else:
         delta = torch.linalg.solve(gram, rkt.T).T
     return LayerPayload(delta=delta.cpu().numpy(), kkt=kkt.cpu().numpy(), rkt=rkt.cpu().numpy())
+
+
+def _sum_passes(passes: Sequence[Mapping[str, LayerPayload]], regularisers: Mapping[str, np.ndarray]) -> dict[str, LayerPayload]:
+    """One payload for several passes: ``Delta = sum_p Delta_p``, the first pass's ``K K^T`` and
+    ``R K^T := Delta (A0 + K K^T)``, so that the normal equations of a payload hold.
+
+    Merging such payloads one-shot (CollabEdit from the sums) gives back ``Delta`` for one client
+    but only approximates Global-Edit with passes for several: pass p of Global-Edit sees every
+    client's earlier passes. The exact federated version exchanges once per pass
+    (:mod:`fedke.layerwise`)."""
+    out = {}
+    for name, first in passes[0].items():
+        delta = np.sum([layers[name].delta for layers in passes], axis=0)
+        out[name] = LayerPayload(delta=delta, kkt=first.kkt, rkt=delta @ (np.asarray(regularisers[name]) + first.kkt))
+    return out
 
 
 PAD_MULTIPLE = 32
