@@ -2,12 +2,13 @@
 
     python bench/edit.py --edits 500 --out edit.json [--quick]
 
-For each editor mode (decoupled, sequential) it sweeps lambda and the target-optimisation
-settings ("reference" MEMIT, "strong" = fedke.testbed.STRONG_TARGETS) at the prompt's last
+For each editor mode (decoupled, sequential) it sweeps lambda, the target-optimisation
+settings ("reference" MEMIT, "strong" = fedke.testbed.STRONG_TARGETS) and the number of MEMIT
+passes (``MemitConfig.passes``: the edit repeated with the targets fixed) at the prompt's last
 token, then tries the subject's last token and the even residual split at that mode's best
 setting. Writes {"modes": {"decoupled": {...}, "sequential": {...}}, "unedited": {...},
 "sweep": [...]}; each mode holds its best setting's ES, PS, NS, Score, EA, PA, NA, AccScore,
-seconds, edits_per_second, peak_rss_mb, lambda, fact_token, targets and residual_split. Target
+seconds, edits_per_second, peak_rss_mb, lambda, fact_token, targets, passes and residual_split. Target
 vectors are optimised once per (fact token, target settings) and reused across the sweep.
 """
 
@@ -50,11 +51,11 @@ def run_setting(bed, cases, targets_by_token: dict, targets: str = "reference", 
     with applied_update(bed.model, payload.deltas()):
         metrics = evaluate_cases(bed.model, bed.tokenizer, cases).summary
     row = {"mode": settings["mode"], "fact_token": token, "targets": targets, "lambda": settings["lam"],
-           "residual_split": settings["residual_split"], **{m: metrics[m] for m in METRICS},
+           "passes": editor.config.passes, "residual_split": settings["residual_split"], **{m: metrics[m] for m in METRICS},
            "seconds": seconds, "target_seconds": target_seconds, "edits_per_second": len(cases) / seconds,
            "peak_rss_mb": peak_rss_mb(),
            "update_norm": sum(float((layer.delta ** 2).sum()) for layer in payload.layers.values()) ** 0.5}
-    print(f"  {row['mode']:10s} {row['fact_token']:12s} {targets:9s} lam={row['lambda']:<7g} {row['residual_split']:9s} "
+    print(f"  {row['mode']:10s} {row['fact_token']:12s} {targets:9s} lam={row['lambda']:<7g} passes={row['passes']} {row['residual_split']:9s} "
           f"ES={row['ES']:.1f} PS={row['PS']:.1f} NS={row['NS']:.1f} Score={row['Score']:.1f} "
           f"AccScore={row['AccScore']:.1f} ({seconds:.1f} s)", flush=True)
     return row
@@ -65,7 +66,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--edits", type=int, default=500)
     parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true", help="tiny world, 40 edits, short sweep")
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[30, 100, 300, 1000])
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[100, 300, 1000])
+    parser.add_argument("--passes", type=int, nargs="+", default=[1, 2, 3, 4],
+                        help="numbers of MEMIT passes to sweep (1 = MEMIT as published)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--targets", nargs="+", default=["reference", "strong"], choices=sorted(TARGET_SETTINGS),
                         help="target-optimisation settings to sweep")
@@ -74,6 +77,7 @@ def main(argv=None) -> dict:
     if args.quick:
         bed = load_testbed(WorldConfig(n_subjects=120, n_relations=3), WorldModelConfig(n_layer=3, n_embd=64, n_head=2))
         edits, lambdas = min(args.edits, 40), [100, 1000]
+        args.passes = [1, 2]
     else:
         bed = load_testbed()
         edits, lambdas = args.edits, args.lambdas
@@ -85,18 +89,17 @@ def main(argv=None) -> dict:
     targets_by_token: dict = {}
     for mode in ("decoupled", "sequential"):
         rows = [run_setting(bed, cases, targets_by_token, targets, mode=mode, fact_token="last", lam=lam,
-                            residual_split="remaining")
-                for targets in args.targets for lam in lambdas]
+                            passes=passes, residual_split="remaining")
+                for targets in args.targets for lam in lambdas for passes in args.passes]
         best = max(rows, key=lambda r: (r["Score"], r["AccScore"]))
         rows.append(run_setting(bed, cases, targets_by_token, best["targets"], mode=mode, fact_token="subject_last",
-                                lam=best["lambda"],
-                                residual_split="remaining"))
+                                lam=best["lambda"], passes=best["passes"], residual_split="remaining"))
         if not args.no_even_split:
             rows.append(run_setting(bed, cases, targets_by_token, best["targets"], mode=mode, fact_token="last",
-                                    lam=best["lambda"], residual_split="even"))
+                                    lam=best["lambda"], passes=best["passes"], residual_split="even"))
         sweep += rows
         modes[mode] = max(rows, key=lambda r: (r["Score"], r["AccScore"]))
-    columns = ["mode", "fact_token", "targets", "lambda", "residual_split", *METRICS, "seconds", "edits_per_second"]
+    columns = ["mode", "fact_token", "targets", "lambda", "passes", "residual_split", *METRICS, "seconds", "edits_per_second"]
     print_table(sweep, columns, f"Global-Edit of {edits} edits: sweep")
     print_table(list(modes.values()), columns, "best setting per mode")
     result = {"modes": modes, "unedited": {m: unedited[m] for m in METRICS}, "sweep": sweep,

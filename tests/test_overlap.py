@@ -120,20 +120,27 @@ def test_guard_on_a_real_editor_equals_editing_the_kept_requests_alone(tiny_bed)
         np.testing.assert_allclose(result.payload.layers[name].delta, layer.delta, rtol=1e-9, atol=1e-12)
 
 
-def test_repeat_study_residual_falls_as_the_same_edit_is_merged_again(tiny_bed):
+@pytest.mark.parametrize("mode", ["decoupled", "sequential"])
+def test_repeat_study_residual_falls_as_the_same_edit_is_merged_again(tiny_bed, mode):
+    from fedke.editing import applied_update
     from fedke.merge import residual_after_repeat
 
-    editor = tiny_bed.editor(lam=30.0)
+    editor = tiny_bed.editor(lam=30.0, mode=mode)
     requests_ = [c.request for c in tiny_bed.world.edit_cases(6, seed=12)]
     study = repeat_residuals(editor, tiny_bed.model, requests_, 4, reoptimised=False)
     norms = study.column("residual_norm")
     assert len(norms) == 5 and all(b < a for a, b in zip(norms, norms[1:]))
     assert norms[-1] < 0.5 * norms[0]
     # the eq. 6 column is fedke.merge.residual_after_repeat on the first edit's last layer
-    _, internals = editor.edit_with_internals(requests_)
+    targets = editor.compute_targets(requests_)
+    residual = editor.target_residuals(requests_, targets)
     last = editor.layer_names[-1]
-    expected = residual_after_repeat(internals.residuals[last], internals.keys[last], editor.regularisers()[last], 4)
+    expected = residual_after_repeat(residual.T, editor.keys(requests_)[last], editor.regularisers()[last], 4)
     np.testing.assert_allclose(study.column("residual_norm_eq6"), expected, rtol=1e-9)
-    assert norms[0] == pytest.approx(float(np.linalg.norm(internals.residuals[last])), rel=1e-9)
-    with pytest.raises(ValueError, match="decoupled"):
-        repeat_residuals(tiny_bed.editor(mode="sequential"), tiny_bed.model, requests_, 1)
+    assert norms[0] == pytest.approx(float(np.linalg.norm(residual)), rel=1e-9)
+    # repeat k is one more MEMIT pass with the targets fixed: two repeats = an edit with passes=2
+    twice = tiny_bed.editor(lam=30.0, mode=mode, passes=2).edit(requests_, targets=targets).deltas()
+    with applied_update(tiny_bed.model, twice):
+        assert float(np.linalg.norm(editor.target_residuals(requests_, targets))) == pytest.approx(norms[2], rel=1e-4)
+    with pytest.raises(ValueError, match="passes"):
+        repeat_residuals(tiny_bed.editor(passes=2), tiny_bed.model, requests_, 1)

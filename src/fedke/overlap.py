@@ -124,63 +124,61 @@ def repeat_residuals(editor, model, requests: Sequence[EditRequest], repeats: in
                      reoptimised: bool = True) -> RepeatStudy:
     """Merge the same edit ``repeats`` times into a global update and measure ``||R||`` after each.
 
-    Each repeat ``k = 1..repeats`` edits the requests against the current global model with their
-    targets ``Z`` fixed at the first edit: per layer ``R_l = (Z - H_k) / split_l`` and
-    ``Delta_l = R_l K_l^T (A0_l + K_l K_l^T)^-1`` (:func:`fedke.merge.global_edit`) with the
-    current model's keys; ``merge(update, deltas)`` folds the deltas into the global update
-    (default: add them). Row ``k`` holds, after ``k`` merges:
+    The targets ``Z`` are optimised once, on the model as given (eq. 6's setting). Repeat
+    ``k = 1..repeats`` is one MEMIT pass of the requests against the current global model with
+    those targets, in the editor's mode, and ``merge(update, deltas)`` folds its deltas into the
+    global update (default: add them):
+
+    * ``"decoupled"``: every layer's keys and residual ``(Z - H) / split_l`` come from the model
+      as given (one-shot CollabEdit merging the same edit again);
+    * ``"sequential"``: stock MEMIT, each layer sees the update its predecessors just wrote
+      (layer-wise CollabEdit merging the same edit again). Every layer's step then solves for
+      what is really left, and ``||R||`` falls monotonically where the decoupled split
+      (``1/L + ... + 1`` times the residual in all) can overshoot.
+
+    Row ``k`` holds, after ``k`` merges:
 
     * ``residual_norm``: ``||Z - H_k||_F`` at the last edited layer of the real model (requests
       as columns; ``H_k`` its output at the fact token);
-    * ``residual_norm_eq6``: eq. 6 for the last layer alone, from the first edit's ``R`` and ``K``;
+    * ``residual_norm_eq6``: eq. 6 for the last layer alone, from ``Z - H_0`` and that layer's keys
+      (:func:`fedke.merge.residual_after_repeat`);
     * ``residual_norm_reoptimised`` (when ``reoptimised``): ``||r||`` as the editor reports it
       for a fresh edit (targets re-optimised) against the same model, the guard's quantity;
     * ``evaluate()``'s metrics, if given, with the update applied.
 
-    ``editor`` must be a :class:`fedke.editing.MemitEditor` in ``"decoupled"`` mode (the keys and
-    outputs of every layer then come from the model as given).
+    ``editor`` is a :class:`fedke.editing.MemitEditor` over ``model`` with ``passes = 1``.
     """
     from fedke.editing import applied_update
-    from fedke.merge import global_edit, residual_after_repeat
+    from fedke.merge import residual_after_repeat
 
-    if editor.config.mode != "decoupled":
-        raise ValueError("repeat_residuals needs a decoupled MemitEditor (one set of keys per model)")
+    requests = list(requests)
+    if editor.config.passes != 1:
+        raise ValueError(f"repeat_residuals makes one MEMIT pass per repeat; the editor has passes={editor.config.passes}")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    names = list(editor.layer_names)
-    n_layers = len(names)
-    splits = [(n_layers - i) if editor.config.residual_split == "remaining" else n_layers for i in range(n_layers)]
-    regularisers = editor.regularisers()
+    last = editor.layer_names[-1]
+    targets = editor.compute_targets(requests)
+    eq6 = residual_after_repeat(editor.target_residuals(requests, targets).T, editor.keys(requests)[last],
+                                editor.regularisers()[last], repeats)
     update: dict[str, np.ndarray] = {}
-    targets = None
     study = RepeatStudy()
-    eq6 = None
     for k in range(repeats + 1):
         with applied_update(model, update):
-            payload, internals = editor.edit_with_internals(list(requests))
-            metrics = dict(evaluate()) if evaluate is not None else {}
-        # decoupled: every layer's residual is (Z_fresh - H) / split_l with one H for all layers
-        current = internals.targets - internals.residuals[names[0]].T * splits[0]
-        if targets is None:
-            targets = internals.targets.copy()
-            last = names[-1]
-            eq6 = residual_after_repeat(internals.residuals[last] * splits[-1], internals.keys[last],
-                                        regularisers[last], repeats)
-        residual = targets - current  # (M, d)
-        row = {"repeats": k, "residual_norm": float(np.linalg.norm(residual)),
-               "residual_norm_mean": float(np.linalg.norm(residual, axis=1).mean()),
-               "residual_norm_eq6": float(eq6[k])}
-        if reoptimised:
-            row["residual_norm_reoptimised"] = float(np.linalg.norm(payload.residual_norms))
-        row.update(metrics)
+            residual = editor.target_residuals(requests, targets)  # (M, d)
+            row = {"repeats": k, "residual_norm": float(np.linalg.norm(residual)),
+                   "residual_norm_mean": float(np.linalg.norm(residual, axis=1).mean()),
+                   "residual_norm_eq6": float(eq6[k])}
+            if reoptimised:
+                fresh = editor.compute_targets(requests)
+                row["residual_norm_reoptimised"] = float((fresh.z - fresh.h_init).norm())
+            if evaluate is not None:
+                row.update(evaluate())
+            deltas = editor.edit(requests, targets=targets).deltas() if k < repeats else {}
         study.rows.append(row)
         log.info("repeat %d: ||R|| = %.4g (eq. 6: %.4g)", k, row["residual_norm"], row["residual_norm_eq6"])
-        if k == repeats:
-            break
-        deltas = {name: global_edit(residual.T / splits[i], internals.keys[name], regularisers[name])
-                  for i, name in enumerate(names)}
-        update = merge(update, deltas) if merge is not None else {
-            name: update.get(name, 0.0) + delta for name, delta in deltas.items()}
+        if deltas:
+            update = merge(update, deltas) if merge is not None else {
+                name: update.get(name, 0.0) + delta for name, delta in deltas.items()}
     return study
 
 

@@ -304,6 +304,20 @@ class MemitEditor:
                 revert_update(self.model, record)
             self.model.train(was_training)
 
+    def target_residuals(self, requests: Sequence[EditRequest], targets: "Targets") -> np.ndarray:
+        """``z_j - h_j`` for each request (rows, ``(M, d_model)`` float64): what an edit still has to
+        write at the last edited layer's output, on the model as it is now (the residual of
+        CollabEdit eq. 6 once the edit has been merged). The model is not changed."""
+        requests = list(requests)
+        self._check_targets(requests, targets)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            _, current = self._keys_and_outputs(requests)
+        finally:
+            self.model.train(was_training)
+        return (targets.z.to(self.device) - current).cpu().numpy()
+
     def layer_payload(self, requests: Sequence[EditRequest], targets: "Targets", layer_index: int, *,
                       regulariser: np.ndarray | None = None) -> LayerPayload:
         """One layer of a sequential edit, on the model as it is now (earlier layers already updated).
