@@ -55,7 +55,7 @@ def merge_at_float32(scenario, comparison):
     for proxy, res in comparison.replies:
         payload = decode_payload(parameters_to_ndarrays(res.parameters))
         replies.append((proxy, fit_result(encode_payload(payload, dtype=np.float32), res.num_examples, {})))
-    strategy = build_strategy(replace(scenario, strategy="collabedit", wire_dtype="float32", layerwise="false"),
+    strategy = build_strategy(replace(scenario, strategy="collabedit", wire_dtype="float32", layerwise="false", passes=1),
                               evaluate=False, wait_for_clients=False)
     strategy.aggregate_fit(1, replies, [])
     return relative_error(strategy.global_update, comparison.updates["GlobalEdit"]), strategy.global_update
@@ -77,6 +77,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--edits-per-client", type=int, default=50)
     parser.add_argument("--mode", choices=["decoupled", "sequential"], default="decoupled")
     parser.add_argument("--lam", type=float, default=None, help="MEMIT lambda (default: the scenario's)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="MEMIT passes (> 1 needs --mode sequential: CollabEdit then runs passes x L layer steps)")
     parser.add_argument("--ta-lambda", type=float, default=1.0)
     parser.add_argument("--ties-k", type=float, default=0.2)
     parser.add_argument("--ties-lambda", type=float, default=1.0)
@@ -87,7 +89,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny world, 3 clients x 4 edits")
     args = parser.parse_args(argv)
     overrides = dict(editor_mode=args.mode, wire_dtype="float64", ta_lambda=args.ta_lambda, ties_k=args.ties_k,
-                     ties_lambda=args.ties_lambda, seed=args.seed, output_dir="fedke-results/table1")
+                     ties_lambda=args.ties_lambda, seed=args.seed, passes=args.passes, output_dir="fedke-results/table1")
     if args.lam is not None:
         overrides["lam"] = args.lam
     if args.quick:

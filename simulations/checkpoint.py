@@ -83,12 +83,14 @@ def fingerprint_config(scenario: Scenario) -> dict[str, Any]:
 
     ``layerwise`` enters as what it decides: ``layerwise = True`` when the run is layer-wise, absent
     otherwise (``"auto"`` with the decoupled mode and ``"false"`` compute the same, as did runs
-    checkpointed before the key existed).
+    checkpointed before the key existed); ``passes`` enters only when it is not 1.
     """
     config = {key: value for key, value in sorted(asdict(scenario).items()) if key not in RUN_CONTROL_KEYS}
     del config["layerwise"]
     if scenario.layerwise_enabled:
         config["layerwise"] = True
+    if config.get("passes") == 1:  # one pass is MEMIT, as in runs checkpointed before the key existed
+        del config["passes"]
     return dict(sorted(config.items()))
 
 

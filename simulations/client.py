@@ -18,7 +18,9 @@ round-start update's float64 values. When they are missing or the key differs (a
 another round) the client recomputes them on ``W0 + U_r``: the same computation, so bit for bit
 the same targets. It replies with layer ``l_i`` only: ``K K^T`` and ``R K^T`` computed on
 ``W0 + U_r + sum_{j<i} Delta_{l_j}`` (:meth:`fedke.editing.MemitEditor.layer_payload`), no
-``Delta``; residual norms ``||z - h||`` in step 0 only.
+``Delta``; residual norms ``||z - h||`` in step 0 only. With MEMIT passes (``passes = P`` on the
+editor and the strategy) an edit round has ``P x L`` steps: step ``i`` edits layer ``l_{i mod L}``
+on the model holding every earlier step's merge, with the same targets.
 """
 
 from __future__ import annotations
@@ -161,9 +163,15 @@ class EditClient(NumPyClient):
         """Step ``layer_step`` of edit round ``server_round`` (module docstring): layer ``l_i``'s payload."""
         edit_round = int(config.get("server_round", 1))
         step = int(config["layer_step"])
-        n_layers = int(config.get("layer_steps", len(self.layer_specs)))
-        if n_layers != len(self.layer_specs) or not 0 <= step < n_layers:
-            raise ValueError(f"layer step {step} of {n_layers}, but this client edits {len(self.layer_specs)} layers")
+        n_layers = len(self.layer_specs)
+        n_steps = int(config.get("layer_steps", n_layers))
+        if n_steps < 1 or n_steps % n_layers or not 0 <= step < n_steps:
+            raise ValueError(f"layer step {step} of {n_steps}, but this client edits {n_layers} layers "
+                             f"(the steps of an edit round are passes x layers)")
+        passes = getattr(getattr(self.editor, "config", None), "passes", 1)
+        if n_steps != passes * n_layers:
+            raise ValueError(f"the server walks the layers {n_steps // n_layers} time(s) per edit round, but this "
+                             f"client's editor makes {passes} MEMIT pass(es): set the same passes on both")
         refused = [what for what, on in (("secure aggregation", self.secure_aggregation),
                                          ("conflict handling", self.conflict_agent is not None),
                                          ("the residual guard", self.residual_guard > 0)) if on]
@@ -176,13 +184,14 @@ class EditClient(NumPyClient):
         round_start, merged = decode_layer_step(list(parameters), expected=self.layer_specs,
                                                 merged_expected=self.layer_specs[:step])
         requests = [case.request for case in self.cases_by_round.get(edit_round, [])]
-        spec = self.layer_specs[step]
+        layer_index = step % n_layers  # pass step // n_layers
+        spec = self.layer_specs[layer_index]
         metrics: dict[str, Any] = {"layer_step": step}
         if requests:
             targets, reused = self.round_targets(edit_round, requests, round_start)
             current = {name: update + merged[name] if name in merged else update for name, update in round_start.items()}
             with applied_update(self.model, current):
-                layer = self.editor.layer_payload(requests, targets, step)
+                layer = self.editor.layer_payload(requests, targets, layer_index)
             norms = (targets.z - targets.h_init).norm(dim=1).cpu().numpy() if step == 0 else np.zeros(0)
             payload = EditPayload(layers={spec.name: LayerPayload(delta=None, kkt=layer.kkt, rkt=layer.rkt)},
                                   n_edits=len(requests), residual_norms=norms)

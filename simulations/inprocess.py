@@ -174,7 +174,8 @@ def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", 
     updates: dict[str, dict[str, np.ndarray]] = {}
     for method in methods:
         label = ONE_SHOT_LABEL if layerwise and method == "collabedit" else _label(method)
-        strategy = build_strategy(replace(scenario, strategy=method, layerwise="false"), evaluate=False,
+        # the merge alone: its strategy does not depend on passes (the replies carry the clients' passes)
+        strategy = build_strategy(replace(scenario, strategy=method, layerwise="false", passes=1), evaluate=False,
                                   wait_for_clients=False)
         started = time.perf_counter()
         strategy.aggregate_fit(1, replies, [])

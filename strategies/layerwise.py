@@ -20,9 +20,8 @@ split) and sends ``K_c K_c^T`` and ``R_c K_c^T`` for ``l_i`` only. The server so
     Delta_{l_i} = (sum_c R_c K_c^T) (A_t + sum_c K_c K_c^T)^-1,
 
 ``A_t = A0 = lam C`` or, with dynamic covariance (eq. 7), ``beta0 A0 + beta1 kkt_total[l_i]``
-(``kkt_total`` summing the ``K K^T`` merged into ``l_i`` in EARLIER edit rounds: layer ``l_i`` is
-merged once per edit round, so committing its sum at step ``i`` never reaches this round's
-solve). Keys and residuals are per request, so the sums are those of one sequential MEMIT edit
+(``kkt_total`` summing the ``K K^T`` merged into ``l_i`` in EARLIER edit rounds: committing step
+``i``'s sum never reaches this round's solves). Keys and residuals are per request, so the sums are those of one sequential MEMIT edit
 of every client's requests: the result equals sequential Global-Edit (float rounding aside;
 tests/test_layerwise_strategy.py).
 
@@ -36,6 +35,14 @@ What crosses the wire in step ``i`` (the price is ``L`` exchanges per edit round
 * client -> server: a one-layer :class:`fedke.payload.EditPayload` of ``l_i`` (``K K^T`` packed and
   ``R K^T``; no ``Delta``), ``n_edits``, and the per-request residual norms ``||z - h||`` in step 0
   only.
+
+MEMIT passes (``passes = P``, :attr:`fedke.editing.MemitConfig.passes`): an edit round walks the
+layers ``P`` times, ``P x L`` steps, step ``i`` editing layer ``l_{i mod L}`` in pass ``i // L``
+with the same targets; the model of step ``i`` holds every merge of the earlier steps (all layers
+once ``i >= L``), and ``round_update`` sums each layer's passes. This equals sequential Global-Edit
+with ``passes = P``. ``kkt_total`` takes each layer's ``K K^T`` of the first pass only (the keys
+Global-Edit's payload carries), and the solves of the later passes use ``A_t`` as it stood when the
+edit round began (``round_kkt`` holds what the first pass committed, to leave it out).
 
 Server state: the cumulative update (``global_update``, ``U_r + sum_{j<=i} Delta_{l_j}`` after
 step ``i``), ``kkt_total``, the round-start update ``round_start`` (``U_r``), this round's merged
@@ -92,7 +99,8 @@ def edit_round_summary(steps: Sequence[Mapping[str, Any]], n_layers: int) -> dic
     ``n_targets_reused`` (when reported) sums the clients that reused their targets (a client keeping
     them in its ``Context.state`` reuses them in every step but the first);
     ``update_norm`` is the Frobenius norm of the edit round's whole update
-    (``sqrt(sum_i ||Delta_{l_i}||^2)``, the layers being disjoint); ``global_update_norm`` is the
+    (``sqrt(sum_i ||Delta_{l_i}||^2)``, the layers being disjoint; with several passes the strategy
+    replaces it by the norm of ``round_update``); ``global_update_norm`` is the
     last step's; the residual-norm statistics are step 0's (only step 0 reports them); ``error``
     joins the steps' errors.
     """
@@ -121,13 +129,15 @@ class _LayerStepMerger(RoundMerger):
     """One step's merge: CollabEdit's running sums of layer ``l_i`` alone.
 
     :meth:`result` returns ``Delta_{l_i}`` and zeros for the other layers (the base strategy adds a
-    full update to the cumulative one: the others stay bit for bit); :meth:`commit` adds the step's
-    ``sum K K^T`` to ``kkt_total[l_i]`` and records ``Delta_{l_i}`` in ``round_update``.
+    full update to the cumulative one: the others stay bit for bit); :meth:`commit` adds
+    ``Delta_{l_i}`` to ``round_update`` and, in the first pass, the step's ``sum K K^T`` to
+    ``kkt_total[l_i]`` (and to ``round_kkt[l_i]``).
     """
 
     def __init__(self, strategy: "LayerwiseCollabEdit", step: int) -> None:
         self.strategy = strategy
-        self.name = strategy.layer_specs[step].name
+        self.first_pass = step < len(strategy.layer_specs)
+        self.name = strategy.layer_specs[step % len(strategy.layer_specs)].name
         self.sums = _CollabMerger(strategy, layers=[self.name])
         self.delta: np.ndarray | None = None
 
@@ -140,8 +150,10 @@ class _LayerStepMerger(RoundMerger):
                 for spec in self.strategy.layer_specs}
 
     def commit(self) -> None:
-        self.sums.commit()
-        self.strategy.round_update[self.name] = np.array(self.delta, dtype=np.float64, copy=True)
+        if self.first_pass:
+            self.sums.commit()
+            self.strategy.round_kkt[self.name] = self.strategy.round_kkt[self.name] + self.sums.kkt_sum[self.name]
+        self.strategy.round_update[self.name] = self.strategy.round_update[self.name] + self.delta
 
 
 class LayerwiseCollabEdit(CollabEdit):
@@ -149,8 +161,8 @@ class LayerwiseCollabEdit(CollabEdit):
 
     Implementation based on arXiv 2410.09508 (Lemma 1, eq. 4 and eq. 7) applied one layer at a
     time (:mod:`fedke.layerwise`; the protocol, the wire and the state are in this module's
-    docstring). One edit round is ``L = len(layer_specs)`` Flower server rounds: run the server for
-    ``num_edit_rounds * L`` rounds. The clients are :class:`fedke.simulations.client.EditClient`
+    docstring). One edit round is ``passes x L`` Flower server rounds (``L = len(layer_specs)``):
+    run the server for ``num_edit_rounds * steps_per_round`` rounds. The clients are :class:`fedke.simulations.client.EditClient`
     (they answer a fit config holding ``layer_step``).
 
     Parameters
@@ -160,6 +172,9 @@ class LayerwiseCollabEdit(CollabEdit):
     dynamic_covariance : tuple[float, float] | None (default: None)
         ``(beta0, beta1)`` of eq. 7; ``A_t`` of layer ``l_i`` uses the ``K K^T`` merged into ``l_i``
         in earlier edit rounds.
+    passes : int (default: 1)
+        MEMIT passes per edit round (the clients' editors must use the same ``passes``): the
+        layers are walked ``passes`` times with the targets fixed.
     **kwargs
         The :class:`EditMergeStrategy` parameters (``layer_specs`` is required, in the order the
         editor edits them, which is the step order). ``conflict_coordinator`` and ``use_sums=False``
@@ -167,9 +182,11 @@ class LayerwiseCollabEdit(CollabEdit):
     """
 
     _STATE_GROUPS: ClassVar[dict[str, str]] = {**CollabEdit._STATE_GROUPS, "round_start": "update",
-                                               "round_update": "update"}
+                                               "round_update": "update", "round_kkt": "gram"}
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, passes: int = 1, **kwargs: Any) -> None:
+        if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
+            raise ValueError(f"passes must be a positive integer, got {passes!r}")
         if kwargs.get("conflict_coordinator") is not None:
             raise ValueError("layer-wise CollabEdit cannot run conflict detection: its claims and decisions follow "
                              "one-shot edit rounds (use layerwise = false, or turn conflict detection off)")
@@ -177,10 +194,13 @@ class LayerwiseCollabEdit(CollabEdit):
             raise ValueError("layer-wise CollabEdit merges from the sums S and G only (use_sums=True): its clients "
                              "send K K^T and R K^T, no Delta")
         super().__init__(**kwargs)
+        self.passes = int(passes)
         #: The cumulative update at the start of the current edit round (``U_r``).
         self.round_start: dict[str, np.ndarray] = {name: a.copy() for name, a in self.global_update.items()}
         #: This edit round's merged update per layer (zeros for the layers not merged yet).
         self.round_update: dict[str, np.ndarray] = {name: np.zeros_like(a) for name, a in self.global_update.items()}
+        #: The ``K K^T`` this edit round committed to ``kkt_total`` (first pass), per layer.
+        self.round_kkt: dict[str, np.ndarray] = {name: np.zeros_like(a) for name, a in self.kkt_total.items()}
         #: The edit round ``round_start`` belongs to (0 before the first).
         self.current_edit_round = 0
         #: Steps of the current edit round aggregated so far (the next step must not be below it).
@@ -190,7 +210,24 @@ class LayerwiseCollabEdit(CollabEdit):
 
     @property
     def steps_per_round(self) -> int:
-        return len(self.layer_specs)
+        return self.passes * len(self.layer_specs)
+
+    def layer_index(self, step: int) -> int:
+        """The edited layer (index into ``layer_specs``) of ``step``: ``step mod L``."""
+        return int(step) % len(self.layer_specs)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        settings = super().hyperparameters()
+        settings["passes"] = self.passes
+        return settings
+
+    def regulariser_for_round(self) -> dict[str, np.ndarray]:
+        """``A_t`` as it stood when the edit round began (eq. 7 without this round's first-pass ``K K^T``)."""
+        if self.dynamic_covariance is None:
+            return dict(self.regularisers)
+        beta0, beta1 = self.dynamic_covariance
+        return {name: beta0 * a0 + beta1 * (self.kkt_total[name] - self.round_kkt[name])
+                for name, a0 in self.regularisers.items()}
 
     def position(self, server_round: int) -> tuple[int, int]:
         """``(edit round, layer step)`` of Flower's ``server_round``."""
@@ -206,24 +243,27 @@ class LayerwiseCollabEdit(CollabEdit):
         if edit_round > self.current_edit_round:
             self.round_start = {name: a.copy() for name, a in self.global_update.items()}
             self.round_update = {name: np.zeros_like(a) for name, a in self.global_update.items()}
+            self.round_kkt = {name: np.zeros_like(a) for name, a in self.kkt_total.items()}
             self.current_edit_round = edit_round
             self.steps_done = 0
         return edit_round, step
 
     def round_labels(self, server_round: int) -> dict[str, Scalar]:
         edit_round, step = self.position(server_round)
-        return {"edit_round": edit_round, "layer_step": step, "layer": self.layer_specs[step].name}
+        return {"edit_round": edit_round, "layer_step": step, "layer": self.layer_specs[self.layer_index(step)].name,
+                "pass": step // len(self.layer_specs)}
 
     # ------------------------------------------------------------------------- fit
 
     def fit_parameters(self, server_round: int) -> Parameters:
-        """``encode_layer_step(round_start, {l_j: round_update[l_j], j < i})`` (see the module docstring)."""
+        """``encode_layer_step(round_start, {l_j: round_update[l_j]})`` over the layers merged in the
+        earlier steps of this edit round (``l_1..l_{i-1}``; every layer from the second pass on)."""
         _, step = self._enter(server_round)
         merged = {spec.name: self.round_update[spec.name] for spec in self.layer_specs[:step]}
         return ndarrays_to_parameters(encode_layer_step(self.round_start, merged, dtype=self.wire_dtype))
 
     def fit_config(self, server_round: int, cid: str | None = None) -> dict[str, Scalar]:
-        """``{"server_round": edit round, "layer_step": i, "layer_steps": L, **on_fit_config_fn(edit round)}``."""
+        """``{"server_round": edit round, "layer_step": i, "layer_steps": passes x L, **on_fit_config_fn(edit round)}``."""
         edit_round, step = self._enter(server_round)
         config = super().fit_config(edit_round, cid)
         config.update({"layer_step": step, "layer_steps": self.steps_per_round})
@@ -231,7 +271,7 @@ class LayerwiseCollabEdit(CollabEdit):
 
     def reply_specs(self, server_round: int) -> Sequence[LayerSpec]:
         """Step ``i``'s replies carry layer ``l_i`` only."""
-        return (self.layer_specs[self.position(server_round)[1]],)
+        return (self.layer_specs[self.layer_index(self.position(server_round)[1])],)
 
     def new_merger(self) -> RoundMerger:
         raise TypeError("layer-wise CollabEdit merges one layer per server round: use begin_round(server_round) "
@@ -260,7 +300,10 @@ class LayerwiseCollabEdit(CollabEdit):
             return
         edit_round = self.edit_round(server_round)
         steps = [m for m in self.round_metrics if m.get("edit_round") == edit_round]
-        self.on_round_end(edit_round, edit_round_summary(steps, self.steps_per_round))
+        summary = edit_round_summary(steps, self.steps_per_round)
+        if self.passes > 1:  # a layer's passes add up: the round's update is round_update, not a sum of squares
+            summary["update_norm"] = math.sqrt(sum(float(np.vdot(a, a)) for a in self.round_update.values()))
+        self.on_round_end(edit_round, summary)
 
     # ------------------------------------------------------------------------- evaluation
 

@@ -42,7 +42,9 @@ def layerwise_collab_edit(editor, requests_by_client: Sequence[Sequence[EditRequ
     ``editor`` is a :class:`fedke.editing.MemitEditor` over the shared base model (each client
     would hold its own copy); ``regularisers`` (default ``editor.regularisers()``) is the server's
     ``A0`` per layer; ``base_update`` is the global update the round starts from (applied while
-    editing, never changed). Returns ``{layer name: Delta}`` of this round.
+    editing, never changed). With ``editor.config.passes = P`` the layers are walked ``P`` times
+    with the same targets (``P x L`` sub-rounds), which equals sequential Global-Edit with ``P``
+    passes. Returns ``{layer name: Delta}`` of this round (a layer's passes summed).
     """
     clients = [list(requests) for requests in requests_by_client if len(requests)]
     if not clients:
@@ -54,7 +56,8 @@ def layerwise_collab_edit(editor, requests_by_client: Sequence[Sequence[EditRequ
     with applied_update(editor.model, base):
         targets = [editor.compute_targets(requests) for requests in clients]
     merged: dict[str, np.ndarray] = {}
-    for index, name in enumerate(editor.layer_names):
+    passes = int(getattr(editor.config, "passes", 1))
+    for index, name in [(i, n) for _ in range(passes) for i, n in enumerate(editor.layer_names)]:
         current = _combined(base, merged)
         rkt_sum = kkt_sum = None
         with applied_update(editor.model, current):
@@ -62,7 +65,8 @@ def layerwise_collab_edit(editor, requests_by_client: Sequence[Sequence[EditRequ
                 layer = editor.layer_payload(requests, client_targets, index, regulariser=regs[name])
                 rkt_sum = layer.rkt if rkt_sum is None else rkt_sum + layer.rkt
                 kkt_sum = layer.kkt if kkt_sum is None else kkt_sum + layer.kkt
-        merged[name] = collab_edit_from_sums(rkt_sum, kkt_sum, regs[name])
+        delta = collab_edit_from_sums(rkt_sum, kkt_sum, regs[name])
+        merged[name] = merged[name] + delta if name in merged else delta
     return merged
 
 
