@@ -209,30 +209,11 @@ def test_compare_methods_reports_layerwise_collabedit_and_keeps_one_shot(sequent
 
 def _run_apps(scenario, tmp_path, name):
     """fedke's ServerApp main over an in-memory grid whose nodes run fedke's ClientApp, each node with
-    its own persistent Context (as a SuperNode keeps it): returns (strategy, results table, contexts)."""
-    from test_streaming import FakeGrid  # the in-memory Grid of tests/test_streaming.py
+    its own persistent Context: returns (strategy, results table, contexts)."""
+    from test_streaming import _run_server_app  # the in-memory Grid of tests/test_streaming.py
 
-    from fedke.simulations import client_app, server_app
-
-    out = tmp_path / name
-    run_config = replace(scenario, output_dir=str(out)).to_run_config()
-    contexts = {node: Context(run_id=7, node_id=node, node_config={"partition-id": node - 1}, state=RecordDict(),
-                              run_config=run_config) for node in range(1, scenario.num_clients + 1)}
-    grid = FakeGrid({node: (lambda m, n=node: client_app.app(m, contexts[n])) for node in contexts})
-    built = []
-    original = server_app.build_strategy
-
-    def keep(*args, **kwargs):
-        built.append(original(*args, **kwargs))
-        return built[-1]
-
-    server_app.build_strategy = keep
-    try:
-        server_app.main(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    finally:
-        server_app.build_strategy = original
-    table = pd.read_csv(out / "results.csv", keep_default_na=False, dtype={"metric": str, "method": str})
-    return built[0], table, contexts
+    strategy, table, _, contexts = _run_server_app(scenario, tmp_path, name)
+    return strategy, table, contexts
 
 
 @pytest.mark.parametrize("streaming", [False, True])

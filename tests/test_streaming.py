@@ -368,7 +368,9 @@ def test_fedavg_streams_too():
 
 
 def _run_server_app(scenario, tmp_path, name):
-    """fedke's ServerApp main over a fake grid whose nodes run fedke's real ClientApp in process."""
+    """fedke's ServerApp main over a fake grid whose nodes run fedke's real ClientApp in process, each
+    node with its own persistent Context (as a SuperNode keeps it): returns (strategy, results table,
+    grid, contexts)."""
     from fedke.simulations import client_app, server_app
 
     out = tmp_path / name
@@ -395,15 +397,16 @@ def _run_server_app(scenario, tmp_path, name):
     import pandas as pd
 
     table = pd.read_csv(out / "results.csv", keep_default_na=False, dtype={"metric": str, "method": str})
-    return strategies[0], table, grid
+    return strategies[0], table, grid, contexts
 
 
 def test_server_app_streaming_equals_legacy_on_the_tiny_preset(tiny_bed, cache_dir, tmp_path):
     from fedke.simulations.scenario import Scenario
 
     scenario = Scenario.from_preset("tiny", cache_dir=str(cache_dir))
-    legacy, legacy_table, legacy_grid = _run_server_app(scenario, tmp_path, "legacy")
-    streamed, streamed_table, grid = _run_server_app(replace(scenario, streaming_aggregation=True), tmp_path, "streaming")
+    legacy, legacy_table, legacy_grid, _ = _run_server_app(scenario, tmp_path, "legacy")
+    streamed, streamed_table, grid, _ = _run_server_app(replace(scenario, streaming_aggregation=True), tmp_path,
+                                                         "streaming")
     # legacy: every message through GridClientProxy; streaming: TRAIN pushed and pulled by the
     # streaming stage, EVALUATE still through the legacy proxy
     assert sorted(set(legacy_grid.blocking_types)) == ["evaluate", "train"]

@@ -310,12 +310,7 @@ class MemitEditor:
         CollabEdit eq. 6 once the edit has been merged). The model is not changed."""
         requests = list(requests)
         self._check_targets(requests, targets)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            _, current = self._keys_and_outputs(requests)
-        finally:
-            self.model.train(was_training)
+        _, current = self._keys_and_outputs_in_eval(requests)
         return (targets.z.to(self.device) - current).cpu().numpy()
 
     def layer_payload(self, requests: Sequence[EditRequest], targets: "Targets", layer_index: int, *,
@@ -337,12 +332,7 @@ class MemitEditor:
         self._check_targets(requests, targets)
         name = self.layer_names[layer_index]
         reg = self.regularisers()[name] if regulariser is None else np.asarray(regulariser, dtype=np.float64)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            keys_all, current = self._keys_and_outputs(requests)
-        finally:
-            self.model.train(was_training)
+        keys_all, current = self._keys_and_outputs_in_eval(requests)
         n_layers = len(self.layer_names)
         remaining = n_layers - layer_index if self.config.residual_split == "remaining" else n_layers
         residuals = (targets.z.to(self.device) - current).T.to(torch.float64) / remaining
@@ -497,6 +487,15 @@ class MemitEditor:
         return (h_init + delta.detach().to(torch.float64)), h_init
 
     # ------------------------------------------------------------------ steps 2-3: keys, current outputs
+    def _keys_and_outputs_in_eval(self, requests: Sequence[EditRequest]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`_keys_and_outputs` with the model in eval mode (its mode restored after)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._keys_and_outputs(requests)
+        finally:
+            self.model.train(was_training)
+
     @torch.no_grad()
     def _keys_and_outputs(self, requests: Sequence[EditRequest]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Keys (d_in x M, averaged over contexts) of every edited layer, and the last edited
