@@ -10,10 +10,10 @@ dynamic-C forgetting scenario on each: the same requests, the same rounds, the s
 If capacity is the cause, the old edits' drop shrinks as the width grows.
 
 Writes ``{"config", "runs"}``; each run holds ``model_width``, ``n_params``, ``train_acc``,
-``heldout_acc``, ``build_seconds`` (0 when cached), ``before`` and ``after_dynamic`` (the old edits'
+``heldout_acc``, ``build_seconds`` (loading the testbed, building it when not cached), ``before`` and ``after_dynamic`` (the old edits'
 Table 5 metrics, x100), ``drop`` (before minus after, per metric) and ``seconds_per_round``.
 The default world is smaller than the product default (400 subjects) so that a 256-wide model builds
-in minutes on 2 cores; the edit load relative to the facts the model knows (0.4) matches issue 4's
+in about 20 minutes on 2 cores; the edit load relative to the facts the model knows (0.4) matches issue 4's
 benchmark (2,000 edits over 5,000 facts).
 """
 
@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_json  # noqa: E402
+from _common import print_table, write_json  # noqa: E402
 from forgetting import TABLE5, run_one  # noqa: E402
 
 from fedke.simulations.runtime import testbed_for  # noqa: E402
@@ -68,26 +68,23 @@ def main(argv=None) -> dict:
         testbed = testbed_for(scenario, progress=True)
         build_seconds = time.perf_counter() - started
         report = testbed.world_model.report
-        print(f"\nwidth {width}: {sum(p.numel() for p in testbed.model.parameters()):,} parameters, train acc "
+        n_params = sum(p.numel() for p in testbed.model.parameters())
+        print(f"\nwidth {width}: {n_params:,} parameters, train acc "
               f"{report.get('train_acc')}, held-out {report.get('heldout_acc')} ({build_seconds:.0f} s to load/build)",
               flush=True)
         per_round: list = []
         seen = run_one(scenario, "dynamic", per_round, {}, None)
         drop = {key: seen["before"][key] - seen["after"][key] for key in TABLE5}
-        runs.append({"model_width": width, "n_params": sum(p.numel() for p in testbed.model.parameters()),
+        runs.append({"model_width": width, "n_params": n_params,
                      "train_acc": report.get("train_acc"), "heldout_acc": report.get("heldout_acc"),
                      "build_seconds": build_seconds, "before": seen["before"], "after_dynamic": seen["after"],
                      "drop": drop, "seconds_per_round": sum(e["seconds"] for e in per_round) / len(per_round)})
 
-    import pandas as pd
-
-    rows = []
-    for run in runs:
-        for stage in ("before", "after_dynamic", "drop"):
-            rows.append({"width": run["model_width"], "stage": stage, **run[stage]})
-    print(f"\nOld edits under dynamic C, {args.rounds - 1} rounds of {args.clients} x {args.edits_per_client} new "
-          f"edits, world {args.subjects} x {args.relations}, {args.layers} layers, lam {args.lam} (x100)")
-    print(pd.DataFrame(rows)[["width", "stage", *TABLE5]].round(2).to_string(index=False))
+    rows = [{"width": run["model_width"], "stage": stage, **run[stage]}
+            for run in runs for stage in ("before", "after_dynamic", "drop")]
+    print_table(rows, ["width", "stage", *TABLE5],
+                f"Old edits under dynamic C, {args.rounds - 1} rounds of {args.clients} x {args.edits_per_client} "
+                f"new edits, world {args.subjects} x {args.relations}, {args.layers} layers, lam {args.lam} (x100)")
     result = {"config": {key: value for key, value in vars(args).items() if key not in ("out", "quick")},
               "runs": runs}
     write_json(args.out, result)
