@@ -10,6 +10,7 @@ state. Editors, strategies and clients themselves hold no module-level state.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from pathlib import Path
 
@@ -23,16 +24,26 @@ from fedke.worldmodel import WorldModelConfig
 from .scenario import Scenario, deal_cases
 
 
+#: Whether a load that ``testbed_for`` triggers shows progress bars. A context variable rather than a
+#: cache key, so that the ServerApp (progress on) and the in-process clients (progress off) share
+#: one testbed per process instead of loading the model twice.
+_show_progress: contextvars.ContextVar[bool] = contextvars.ContextVar("fedke_testbed_progress", default=False)
+
+
 @functools.lru_cache(maxsize=2)
-def _cached_testbed(world_config: WorldConfig, model_config: WorldModelConfig, cache_dir: str | None,
-                    progress: bool) -> Testbed:
+def _cached_testbed(world_config: WorldConfig, model_config: WorldModelConfig, cache_dir: str | None) -> Testbed:
     return load_testbed(world_config, model_config, cache_dir=Path(cache_dir) if cache_dir else None,
-                        progress=progress)
+                        progress=_show_progress.get())
 
 
 def testbed_for(scenario: Scenario, *, progress: bool = False) -> Testbed:
-    """The scenario's world model and statistics, loaded once per process."""
-    return _cached_testbed(scenario.world_config(), scenario.model_config(), scenario.cache_dir or None, progress)
+    """The scenario's world model and statistics, loaded once per process (``progress``: show
+    progress bars if this call is the one that loads or builds it)."""
+    token = _show_progress.set(progress)
+    try:
+        return _cached_testbed(scenario.world_config(), scenario.model_config(), scenario.cache_dir or None)
+    finally:
+        _show_progress.reset(token)
 
 
 @functools.lru_cache(maxsize=8)
