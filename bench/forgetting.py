@@ -55,7 +55,7 @@ def scenario_from_args(args) -> Scenario:
     preset = "tiny" if args.quick else args.preset
     overrides = dict(num_rounds=args.rounds, num_clients=args.clients, edits_per_client=args.edits_per_client,
                      forgetting=True, strategy=args.method, beta0=args.beta0, beta1=args.beta1,
-                     old_relations=args.old_relations, seed=args.seed)
+                     old_relations=args.old_relations, seed=args.seed, knowledge_weight=args.knowledge_weight)
     if args.lam is not None:
         overrides["lam"] = args.lam
     if args.cache_dir:
@@ -108,6 +108,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--beta0", type=float, default=1.0)
     parser.add_argument("--beta1", type=float, default=1.0)
     parser.add_argument("--lam", type=float, default=None, help="MEMIT lam (default: the preset's)")
+    parser.add_argument("--knowledge-weight", type=float, default=0.0,
+                        help="alpha of A0 = lam C0 + alpha K0 K0^T over the world's known facts (0: MEMIT's C0)")
     parser.add_argument("--old-relations", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="default")
@@ -123,8 +125,8 @@ def main(argv=None) -> dict:
     scenario = scenario_from_args(args)
     print(f"forgetting: {scenario.num_rounds} rounds x {scenario.num_clients} clients x {scenario.edits_per_client} "
           f"edits, {scenario.strategy}, world {scenario.world_subjects} x {scenario.world_relations}, model "
-          f"{scenario.model_layers} x {scenario.model_width}, lam {scenario.lam}, dynamic beta0={scenario.beta0} "
-          f"beta1={scenario.beta1}", flush=True)
+          f"{scenario.model_layers} x {scenario.model_width}, lam {scenario.lam}, knowledge weight "
+          f"{scenario.knowledge_weight}, dynamic beta0={scenario.beta0} beta1={scenario.beta1}", flush=True)
 
     checkpoint_root = None if args.no_checkpoint else Path(tempfile.mkdtemp(prefix="fedke-forgetting-"))
     per_round: list = []

@@ -15,6 +15,8 @@ Every key of the run config has a field here (hyphens become underscores)::
     layerwise = "auto"           # auto | true | false: layer-wise CollabEdit (one edited layer per server round)
     fact-token = "last"          # last | subject_last
     lam = 300.0                  # MEMIT's mom2_update_weight
+    knowledge-weight = 0.0       # alpha: A0 = lam C0 + alpha K0 K0^T over the keys of every fact the world model
+                                 # knows (MemitConfig.knowledge_weight; 0 = MEMIT's C0 over text alone)
     passes = 1                   # MEMIT passes with the targets fixed (MemitConfig.passes; 1 = MEMIT)
     ta-lambda = 1.0              # Task Arithmetic scale
     ties-k = 0.2                 # TIES density (top-k fraction kept)
@@ -113,6 +115,7 @@ class Scenario:
     layerwise: str = "auto"
     fact_token: str = "last"
     lam: float = 300.0
+    knowledge_weight: float = 0.0
     passes: int = 1
     ta_lambda: float = 1.0
     ties_k: float = 0.2
@@ -162,6 +165,8 @@ class Scenario:
             raise ValueError("secure-aggregation = true cannot run conflict detection (it needs per-client replies)")
         if self.secure_aggregation and self.streaming_aggregation:
             raise ValueError("secure-aggregation = true cannot use streaming-aggregation = true (SecAgg+ has its own fit stage)")
+        if not self.knowledge_weight >= 0:
+            raise ValueError(f"knowledge-weight must be non-negative, got {self.knowledge_weight}")
         if not self.secagg_clip > 0:
             raise ValueError(f"secagg-clip must be positive, got {self.secagg_clip}")
         capacity = self.world_subjects * self.world_relations
@@ -320,7 +325,8 @@ class Scenario:
                                 n_head=max(1, self.model_width // 32))
 
     def memit_overrides(self) -> dict[str, Any]:
-        return {"mode": self.editor_mode, "fact_token": self.fact_token, "lam": self.lam, "passes": self.passes}
+        return {"mode": self.editor_mode, "fact_token": self.fact_token, "lam": self.lam, "passes": self.passes,
+                "knowledge_weight": self.knowledge_weight}
 
     def strategy_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of the named strategy beyond the common ones."""

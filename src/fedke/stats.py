@@ -191,3 +191,33 @@ def layer_covariances(model: torch.nn.Module, tokenizer, layers: Sequence[str], 
             save_layer_stats(stats, _stats_path(root, fingerprint, source, name))
         found.update(computed)
     return {name: found[name].covariance for name in layers}
+
+
+def knowledge_key_grams(editor, requests: Sequence, *, cache_dir: str | Path | None = None,
+                        progress: bool = True, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """``K0 K0^T`` per edited layer over the keys of facts to preserve, cached like the covariances.
+
+    ``editor`` is a :class:`fedke.editing.MemitEditor`; ``requests`` state the facts the model
+    holds (prompt, subject; the targets are not used). The keys are those an edit of these requests
+    would use (:meth:`~fedke.editing.MemitEditor.key_gram`: the fact token, averaged over the
+    context prefixes), so the cache is keyed by the model, the prompts, the fact token and the prefixes.
+    """
+    digest = hashlib.sha256()
+    digest.update(editor.config.fact_token.encode())
+    for template in editor.context_templates():
+        digest.update(template.encode() + b"\x00")
+    for request in requests:
+        digest.update(request.prompt.encode() + b"\x00" + request.subject.encode() + b"\n")
+    source = f"knowledge-{digest.hexdigest()[:16]}"
+    fingerprint = model_fingerprint(editor.model)
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    paths = {name: _stats_path(root, fingerprint, source, name) for name in editor.layer_names}
+    if all(path.exists() for path in paths.values()):
+        return {name: load_layer_stats(path, model_fingerprint=fingerprint, layer=name).sum_kkt
+                for name, path in paths.items()}
+    log.info("computing knowledge keys of %d facts for %s", len(requests), editor.layer_names)
+    grams = editor.key_gram(list(requests), batch_size=batch_size, progress=progress)
+    for name, gram in grams.items():
+        save_layer_stats(LayerStats(name, gram, len(requests), fingerprint, source), paths[name])
+    return grams
+

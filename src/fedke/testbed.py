@@ -10,7 +10,7 @@ model from a local path, compute :func:`fedke.stats.layer_covariances` over loca
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from fedke.data.world import World, WorldConfig
 from fedke.editing.memit import MemitConfig, MemitEditor, world_context_templates
 from fedke.editing.presets import preset_for
-from fedke.stats import layer_covariances
+from fedke.stats import knowledge_key_grams, layer_covariances, model_fingerprint
 from fedke.worldmodel import WorldModel, WorldModelConfig, load_world_model
 
 
@@ -54,6 +54,8 @@ class Testbed:
     world_model: WorldModel
     covariances: dict[str, np.ndarray]
     memit_config: MemitConfig
+    cache_dir: Path | None = None
+    _knowledge: dict[tuple, dict[str, np.ndarray]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def world(self) -> World:
@@ -68,9 +70,26 @@ class Testbed:
         return self.world_model.tokenizer
 
     def editor(self, **overrides) -> MemitEditor:
-        """A MEMIT editor over this testbed's model (``overrides`` change MemitConfig fields)."""
+        """A MEMIT editor over this testbed's model (``overrides`` change MemitConfig fields).
+
+        With ``knowledge_weight > 0`` the editor gets :meth:`knowledge_grams` (computed on first use)."""
         config = replace(self.memit_config, **overrides) if overrides else self.memit_config
-        return MemitEditor(self.model, self.tokenizer, self.covariances, config)
+        grams = self.knowledge_grams(config) if config.knowledge_weight > 0 else None
+        return MemitEditor(self.model, self.tokenizer, self.covariances, config, knowledge_grams=grams)
+
+    def knowledge_grams(self, config: MemitConfig | None = None, *, progress: bool = False) -> dict[str, np.ndarray]:
+        """``K0 K0^T`` over the keys of every fact the world model was trained on (each fact in each
+        of its trained templates, :meth:`World.known_fact_requests`), per edited layer of ``config``
+        (default: this testbed's): the preserved-knowledge term of ``MemitConfig.knowledge_weight``.
+        Computed on the model's current weights (call it on the unedited model), cached on disk next
+        to the covariances and kept in this testbed per weights, layers, fact token and prefixes."""
+        config = replace(config or self.memit_config, knowledge_weight=0.0)
+        key = (model_fingerprint(self.model), config.layers, config.fact_token, config.context_templates)
+        if key not in self._knowledge:
+            editor = MemitEditor(self.model, self.tokenizer, self.covariances, config)
+            self._knowledge[key] = knowledge_key_grams(editor, self.world.known_fact_requests(),
+                                                       cache_dir=self.cache_dir, progress=progress)
+        return self._knowledge[key]
 
 
 def load_testbed(world_config: WorldConfig | None = None, model_config: WorldModelConfig | None = None, *,
@@ -86,4 +105,4 @@ def load_testbed(world_config: WorldConfig | None = None, model_config: WorldMod
     covariances = layer_covariances(world_model.model, world_model.tokenizer, layer_names,
                                     list(world_model.world.filler_text()), source=f"world-{world_config.fingerprint()}",
                                     cache_dir=cache_dir, progress=progress)
-    return Testbed(world_model, covariances, memit_config)
+    return Testbed(world_model, covariances, memit_config, Path(cache_dir) if cache_dir is not None else None)

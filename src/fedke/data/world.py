@@ -219,6 +219,22 @@ class World:
                         examples.append((template.format(subject), obj))
         return examples
 
+    def known_fact_requests(self) -> list[EditRequest]:
+        """Every fact as the model learned it: one request per (subject, relation, trained template),
+        ``target_new = target_true`` = the true object. The preserved knowledge of
+        ``MemitConfig.knowledge_weight`` (:meth:`fedke.testbed.Testbed.knowledge_grams`)."""
+        return [EditRequest(template, subject, obj, relation_id, obj)
+                for (subject, relation_id), (template, obj) in self._trained_statements()]
+
+    def _trained_statements(self) -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
+        for subject in self.subjects:
+            for relation in self.relations:
+                held = set(self.heldout[subject, relation.relation_id])
+                obj = self.facts[subject, relation.relation_id]
+                for index, template in enumerate(relation.templates):
+                    if index not in held:
+                        yield (subject, relation.relation_id), (template, obj)
+
     def heldout_examples(self) -> list[tuple[str, str]]:
         """(prompt, object) for the held-out (subject, template) pairs."""
         examples = []

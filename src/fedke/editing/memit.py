@@ -60,6 +60,12 @@ class MemitConfig:
     mode: ``"decoupled"`` (keys and residuals from the unedited model) or ``"sequential"``.
     fact_token: ``"last"`` (the prompt's last token) or ``"subject_last"`` (the subject's last token).
     lam: ``mom2_update_weight``, the weight of C in ``lam C + K K^T``.
+    knowledge_weight: ``alpha``, the weight of each preserved-knowledge key: the regulariser becomes
+        ``A0 = lam C + alpha K0 K0^T``, ``K0`` the keys of facts the model already holds (at the fact
+        token, as an edit computes keys; :meth:`MemitEditor.key_gram`), passed to the editor as
+        ``knowledge_grams``. The paper's C0 is "the covariance of existing knowledge"; C over generic
+        text weighs the few positions where facts are read very little (see the README's forgetting
+        section). 0 (default) is MEMIT.
     cov_ridge: C is used as ``C + cov_ridge * (tr C / d_in) I``. Not in the reference: statistics
         over little text leave directions of (nearly) dead units with eigenvalues ~1e-15, and
         the solve then writes updates of norm ~1e6 into them (seen on the world model's layer 1).
@@ -77,6 +83,7 @@ class MemitConfig:
     mode: Mode = "decoupled"
     fact_token: FactToken = "last"
     lam: float = 300.0
+    knowledge_weight: float = 0.0
     cov_ridge: float = 1e-2
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
@@ -101,6 +108,8 @@ class MemitConfig:
             raise ValueError(f"residual_split must be 'remaining' or 'even', got {self.residual_split!r}")
         if self.lam < 0:
             raise ValueError("lam must be non-negative")
+        if not (np.isfinite(self.knowledge_weight) and self.knowledge_weight >= 0):
+            raise ValueError(f"knowledge_weight must be finite and non-negative, got {self.knowledge_weight!r}")
         if self.cov_ridge < 0:
             raise ValueError("cov_ridge must be non-negative")
         if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
@@ -147,12 +156,15 @@ class MemitEditor:
     """MEMIT over any HF causal LM, through a :class:`LayerPreset`.
 
     ``covariances`` maps each edited layer's module name to C = E[k k^T] (see
-    :func:`fedke.stats.layer_covariances`). The editor holds no global state: several editors
-    over several models can live in one process.
+    :func:`fedke.stats.layer_covariances`). ``knowledge_grams`` (needed when
+    ``config.knowledge_weight > 0``) maps it to ``K0 K0^T``, the unnormalised sum over the keys of
+    facts to preserve (:meth:`key_gram`). The editor holds no global state: several editors over
+    several models can live in one process.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, covariances: Mapping[str, np.ndarray],
-                 config: MemitConfig | None = None, preset: LayerPreset | None = None) -> None:
+                 config: MemitConfig | None = None, preset: LayerPreset | None = None, *,
+                 knowledge_grams: Mapping[str, np.ndarray] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or MemitConfig()
@@ -168,6 +180,20 @@ class MemitEditor:
             if self.covariances[name].shape != (d_in, d_in):
                 raise ValueError(f"covariance for layer {name!r} has shape {self.covariances[name].shape}, "
                                  f"the layer's input has d_in={d_in}")
+        self.knowledge_grams: dict[str, np.ndarray] = {}
+        if self.config.knowledge_weight > 0:
+            if knowledge_grams is None:
+                raise ValueError(f"knowledge_weight={self.config.knowledge_weight} needs knowledge_grams "
+                                 "(K0 K0^T per edited layer, e.g. from MemitEditor.key_gram)")
+            missing = [name for name in self.layer_names if name not in knowledge_grams]
+            if missing:
+                raise ValueError(f"no knowledge_grams for layer(s) {missing}")
+            for name in self.layer_names:
+                gram = np.asarray(knowledge_grams[name], dtype=np.float64)
+                if gram.shape != self.covariances[name].shape:
+                    raise ValueError(f"knowledge_grams[{name!r}] has shape {gram.shape}, "
+                                     f"expected {self.covariances[name].shape}")
+                self.knowledge_grams[name] = gram
         self._context_templates: tuple[str, ...] | None = self.config.context_templates
 
     # ------------------------------------------------------------------ public API
@@ -176,8 +202,12 @@ class MemitEditor:
         return next(self.model.parameters()).device
 
     def regularisers(self) -> dict[str, np.ndarray]:
-        """``A0_l = lam * C_l``: what a CollabEdit server needs to merge this editor's payloads."""
-        return {name: self.config.lam * _ridged(cov, self.config.cov_ridge) for name, cov in self.covariances.items()}
+        """``A0_l = lam * C_l`` (``+ alpha * K0 K0^T`` with ``knowledge_weight``): what a CollabEdit
+        server needs to merge this editor's payloads."""
+        regs = {name: self.config.lam * _ridged(cov, self.config.cov_ridge) for name, cov in self.covariances.items()}
+        for name, gram in self.knowledge_grams.items():
+            regs[name] = regs[name] + self.config.knowledge_weight * gram
+        return regs
 
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: layer_shape(self.model, name) for name in self.layer_names}
@@ -247,6 +277,26 @@ class MemitEditor:
         finally:
             self.model.train(was_training)
         return {name: np.concatenate(chunks, axis=1) for name, chunks in parts.items()}
+
+    def key_gram(self, requests: Sequence[EditRequest], *, batch_size: int = 256,
+                 progress: bool = False) -> dict[str, np.ndarray]:
+        """``K K^T = sum_j k_j k_j^T`` (float64, ``d_in x d_in``) of every edited layer over the keys
+        of ``requests`` (as :meth:`keys` computes them), accumulated batch by batch: memory stays
+        ``O(d_in^2)`` however many requests. Over facts the model should keep, this is the
+        ``knowledge_grams`` of :class:`MemitConfig`'s ``knowledge_weight``."""
+        from tqdm.auto import tqdm
+
+        grams = {name: None for name in self.layer_names}
+        starts = range(0, len(requests), batch_size)
+        for start in tqdm(starts, desc="knowledge keys", unit="batch", disable=not progress):
+            for name, keys in self.keys(requests[start:start + batch_size], batch_size=batch_size).items():
+                gram = keys @ keys.T
+                grams[name] = gram if grams[name] is None else grams[name] + gram
+        if not requests:
+            for name in self.layer_names:
+                d_in = self.covariances[name].shape[0]
+                grams[name] = np.zeros((d_in, d_in))
+        return grams
 
     def edit_with_internals(self, requests: Sequence[EditRequest], *,
                             regularisers: Mapping[str, np.ndarray] | None = None,

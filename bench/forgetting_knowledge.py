@@ -1,0 +1,97 @@
+"""Does a C0 that holds the model's known facts stop the forgetting? A sweep over knowledge_weight.
+
+    python bench/forgetting_knowledge.py --weights 0 0.002 0.005 0.01 --out knowledge.json [--quick]
+
+Issue 4's benchmark (``bench/forgetting.py``) finds that dynamic C slows forgetting but that the old
+edits' neighbourhood accuracy still collapses, and ``bench/forgetting_capacity.py`` that a wider model
+does not change that. This script tests the other explanation: MEMIT's C0, taken over the world's
+generic text, barely weighs the keys where the world model reads its facts (the prompt's last
+token), so nothing in ``lam C0`` keeps a new edit off the facts the model already holds.
+``knowledge_weight = alpha`` adds them: ``A0 = lam C0 + alpha K0 K0^T`` over the keys of every known
+fact in every trained template (:meth:`fedke.testbed.Testbed.knowledge_grams`). The same forgetting
+scenario runs once per alpha (dynamic C, or ``--covariance immutable``).
+
+Writes ``{"config", "runs"}``; each run holds ``knowledge_weight``, ``before`` and ``after`` (the
+old edits' Table 5 metrics, x100, after round 1 and after the last round), ``drop`` (before minus
+after), ``new_at_own_round`` (the new sets' metrics in the round that edited them, averaged over the
+rounds: how well new edits still take) and ``seconds_per_round``. The default world is the 400 x 5
+world of ``forgetting_capacity.py`` (the edit load of issue 4's benchmark in 40 rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import print_table, write_json  # noqa: E402
+from forgetting import TABLE5, run_one  # noqa: E402
+
+from fedke.simulations.runtime import testbed_for  # noqa: E402
+from fedke.simulations.scenario import Scenario  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.002, 0.005, 0.01])
+    parser.add_argument("--covariance", choices=["dynamic", "immutable"], default="dynamic")
+    parser.add_argument("--subjects", type=int, default=400)
+    parser.add_argument("--relations", type=int, default=5)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--edits-per-client", type=int, default=2)
+    parser.add_argument("--lam", type=float, default=300.0)
+    parser.add_argument("--beta0", type=float, default=1.0)
+    parser.add_argument("--beta1", type=float, default=1.0)
+    parser.add_argument("--cache-dir", default="")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true", help="the tiny preset's world, 4 rounds x 3 clients")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.subjects, args.relations, args.width, args.layers = 120, 3, 64, 3
+        args.rounds, args.clients, args.lam, args.weights = 4, 3, 30.0, [0.0, 0.05]
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+    base = Scenario.from_preset("default", num_rounds=args.rounds, num_clients=args.clients,
+                                edits_per_client=args.edits_per_client, forgetting=True, lam=args.lam,
+                                beta0=args.beta0, beta1=args.beta1, world_subjects=args.subjects,
+                                world_relations=args.relations, model_layers=args.layers, model_width=args.width,
+                                **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    bed = testbed_for(base, progress=True)
+    started = time.perf_counter()
+    bed.knowledge_grams(progress=True)  # once, on the unedited model (cached on disk)
+    print(f"knowledge keys of {len(bed.world.known_fact_requests())} fact statements: "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    runs = []
+    for weight in args.weights:
+        scenario = replace(base, knowledge_weight=weight)
+        print(f"\nknowledge_weight {weight}", flush=True)
+        per_round: list = []
+        seen = run_one(scenario, args.covariance, per_round, {}, None)
+        own = [entry for entry in per_round if "new_Score" in entry]
+        runs.append({"knowledge_weight": weight, "before": seen["before"], "after": seen["after"],
+                     "drop": {key: seen["before"][key] - seen["after"][key] for key in TABLE5},
+                     "new_at_own_round": {key: sum(e[f"new_{key}"] for e in own) / len(own) for key in TABLE5},
+                     "seconds_per_round": sum(e["seconds"] for e in per_round) / len(per_round)})
+
+    rows = [{"alpha": run["knowledge_weight"], "stage": stage, **run[stage]}
+            for run in runs for stage in ("before", "after", "drop", "new_at_own_round")]
+    print_table(rows, ["alpha", "stage", *TABLE5],
+                f"Old edits under {args.covariance} C with A0 = lam C0 + alpha K0 K0^T, {args.rounds - 1} rounds of "
+                f"{args.clients} x {args.edits_per_client} new edits, world {args.subjects} x {args.relations}, "
+                f"model {args.layers} x {args.width}, lam {args.lam} (x100; new_at_own_round: new edits in their round)")
+    result = {"config": {key: value for key, value in vars(args).items() if key not in ("out", "quick")},
+              "runs": runs}
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
