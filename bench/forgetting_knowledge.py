@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
                      "new_at_own_round": {key: sum(e[f"new_{key}"] for e in own) / len(own) for key in TABLE5},
                      "seconds_per_round": sum(e["seconds"] for e in per_round) / len(per_round)})
 
-    rows = [{"alpha": run["knowledge_weight"], "stage": stage, **run[stage]}
+    rows = [{"alpha": f"{run['knowledge_weight']:g}", "stage": stage, **run[stage]}
             for run in runs for stage in ("before", "after", "drop", "new_at_own_round")]
     print_table(rows, ["alpha", "stage", *TABLE5],
                 f"Old edits under {args.covariance} C with A0 = lam C0 + alpha K0 K0^T, {args.rounds - 1} rounds of "

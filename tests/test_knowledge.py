@@ -90,3 +90,33 @@ def test_scenario_key():
     assert scenario.memit_overrides()["knowledge_weight"] == 0.01
     with pytest.raises(ValueError, match="knowledge-weight"):
         Scenario(knowledge_weight=-0.5)
+
+
+def test_the_server_merges_with_the_protected_regulariser(cache_dir, tiny_bed):
+    from fedke.simulations.server_app import build_strategy
+
+    scenario = Scenario.from_preset("tiny", knowledge_weight=0.2, cache_dir=str(cache_dir))
+    strategy = build_strategy(scenario, evaluate=False, wait_for_clients=False)
+    grams = tiny_bed.knowledge_grams()
+    plain = tiny_bed.editor(lam=scenario.lam).regularisers()
+    for name, a0 in strategy.regularisers.items():
+        np.testing.assert_allclose(a0, plain[name] + 0.2 * grams[name], rtol=1e-12)
+
+
+def test_knowledge_sweep_benchmark(cache_dir, tiny_bed, tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "forgetting_knowledge.py"
+    spec = importlib.util.spec_from_file_location("bench_forgetting_knowledge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "knowledge.json"
+    result = module.main(["--quick", "--rounds", "3", "--cache-dir", str(cache_dir), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [run["knowledge_weight"] for run in result["runs"]] == [0.0, 0.05]
+    for run in result["runs"]:
+        assert set(run) == {"knowledge_weight", "before", "after", "drop", "new_at_own_round", "seconds_per_round"}
+        assert all(0 <= v <= 100 for stage in ("before", "after", "new_at_own_round") for v in run[stage].values())
+        assert run["drop"] == {k: run["before"][k] - run["after"][k] for k in run["before"]}
