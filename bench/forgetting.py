@@ -63,6 +63,31 @@ def scenario_from_args(args) -> Scenario:
     return Scenario.from_preset(preset, **overrides)
 
 
+def add_small_world_arguments(parser: argparse.ArgumentParser) -> None:
+    """The probe scenario of ``forgetting_capacity.py`` / ``forgetting_knowledge.py``: a 400 x 5 world,
+    39 rounds of 10 x 2 new edits after the old ones (the edit load per known fact of this benchmark)."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--subjects", type=int, default=400)
+    parser.add_argument("--relations", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--edits-per-client", type=int, default=2)
+    parser.add_argument("--lam", type=float, default=300.0)
+    parser.add_argument("--beta0", type=float, default=1.0)
+    parser.add_argument("--beta1", type=float, default=1.0)
+    parser.add_argument("--cache-dir", default="")
+    parser.add_argument("--out", default=None)
+
+
+def small_world_scenario(args, **overrides) -> Scenario:
+    """The forgetting scenario of :func:`add_small_world_arguments`'s arguments."""
+    return Scenario.from_preset("default", num_rounds=args.rounds, num_clients=args.clients,
+                                edits_per_client=args.edits_per_client, forgetting=True, lam=args.lam,
+                                beta0=args.beta0, beta1=args.beta1, world_subjects=args.subjects,
+                                world_relations=args.relations, model_layers=args.layers,
+                                **({"cache_dir": args.cache_dir} if args.cache_dir else {}), **overrides)
+
+
 def _table5(metrics: dict) -> dict:
     return {key: float(metrics[key]) for key in TABLE5}
 

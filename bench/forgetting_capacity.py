@@ -28,26 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table, write_json  # noqa: E402
-from forgetting import TABLE5, run_one  # noqa: E402
+from forgetting import TABLE5, add_small_world_arguments, run_one, small_world_scenario  # noqa: E402
 
 from fedke.simulations.runtime import testbed_for  # noqa: E402
-from fedke.simulations.scenario import Scenario  # noqa: E402
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 256])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--subjects", type=int, default=400)
-    parser.add_argument("--relations", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--edits-per-client", type=int, default=2)
-    parser.add_argument("--lam", type=float, default=300.0)
-    parser.add_argument("--beta0", type=float, default=1.0)
-    parser.add_argument("--beta1", type=float, default=1.0)
-    parser.add_argument("--cache-dir", default="")
-    parser.add_argument("--out", default=None)
+    add_small_world_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="tiny world, widths 32 and 64, 4 rounds x 3 clients")
     args = parser.parse_args(argv)
     if args.quick:
@@ -56,11 +45,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
-    base = Scenario.from_preset("default", num_rounds=args.rounds, num_clients=args.clients,
-                                edits_per_client=args.edits_per_client, forgetting=True, lam=args.lam,
-                                beta0=args.beta0, beta1=args.beta1, world_subjects=args.subjects,
-                                world_relations=args.relations, model_layers=args.layers,
-                                **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    base = small_world_scenario(args)
     runs = []
     for width in args.widths:
         scenario = replace(base, model_width=width)

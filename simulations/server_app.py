@@ -13,6 +13,7 @@ results, the oracle and the checkpoints are numbered by edit round.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from flwr.common import Context
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
@@ -32,6 +33,8 @@ def build_strategy(scenario: Scenario, *, evaluate: bool = True, writer: Results
                    wait_for_clients: bool = True):
     """The strategy a scenario names, wired to the world model's layers and statistics."""
     bed = testbed_for(scenario, progress=True)
+    if scenario.knowledge_weight > 0:  # computed once per model and cached: show progress on the first run
+        bed.knowledge_grams(replace(bed.memit_config, **scenario.memit_overrides()), progress=True)
     editor = bed.editor(**scenario.memit_overrides())
     specs = [LayerSpec(name, *shape) for name, shape in editor.layer_shapes().items()]
     n = scenario.effective_clients if wait_for_clients else 0

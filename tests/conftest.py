@@ -36,3 +36,19 @@ def tiny_bed(cache_dir):
     from fedke.testbed import load_testbed
 
     return load_testbed(TINY_WORLD, TINY_MODEL, cache_dir=cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def load_bench():
+    """``load_bench("forgetting")``: a script of ``bench/`` imported as a module (its ``main(argv)``)."""
+    import importlib.util
+
+    bench_dir = Path(__file__).parents[1] / "bench"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", bench_dir / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -103,18 +103,17 @@ def test_the_server_merges_with_the_protected_regulariser(cache_dir, tiny_bed):
         np.testing.assert_allclose(a0, plain[name] + 0.2 * grams[name], rtol=1e-12)
 
 
-def test_knowledge_sweep_benchmark(cache_dir, tiny_bed, tmp_path):
-    import importlib.util
+def test_knowledge_sweep_benchmark(cache_dir, tiny_bed, tmp_path, load_bench):
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "bench" / "forgetting_knowledge.py"
-    spec = importlib.util.spec_from_file_location("bench_forgetting_knowledge", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("forgetting_knowledge")
     out = tmp_path / "knowledge.json"
     result = module.main(["--quick", "--rounds", "3", "--cache-dir", str(cache_dir), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert set(result) == {"config", "key_space", "runs"}
+    for row in result["key_space"].values():
+        assert 1 <= row["rank_90"] <= row["rank_99"] <= row["d_in"]
+        assert 0 <= row["directions_over_10x_a0"] <= row["directions_over_a0"] <= row["d_in"]
     assert [run["knowledge_weight"] for run in result["runs"]] == [0.0, 0.05]
     for run in result["runs"]:
         assert set(run) == {"knowledge_weight", "before", "after", "drop", "new_at_own_round", "seconds_per_round"}

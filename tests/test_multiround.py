@@ -181,15 +181,10 @@ def test_state_does_not_grow_with_payloads(collab_runs):
     assert outcome.seconds_per_round and len(outcome.seconds_per_round) == ROUNDS
 
 
-def test_forgetting_benchmark_writes_exactly_the_issue_keys(cache_dir, tiny_bed, tmp_path, capsys):
-    import importlib.util
+def test_forgetting_benchmark_writes_exactly_the_issue_keys(cache_dir, tiny_bed, tmp_path, capsys, load_bench):
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "bench" / "forgetting.py"
-    spec = importlib.util.spec_from_file_location("bench_forgetting", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("forgetting")
     out = tmp_path / "forgetting.json"
     result = module.main(["--quick", "--rounds", "3", "--cache-dir", str(cache_dir), "--out", str(out)])
     assert json.loads(out.read_text()).keys() == result.keys() == {

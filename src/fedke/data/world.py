@@ -209,15 +209,7 @@ class World:
     # ------------------------------------------------------------------ training text
     def training_examples(self) -> list[tuple[str, str]]:
         """(prompt, object) for every fact and every template not held out for that pair."""
-        examples = []
-        for subject in self.subjects:
-            for relation in self.relations:
-                held = set(self.heldout[subject, relation.relation_id])
-                obj = self.facts[subject, relation.relation_id]
-                for index, template in enumerate(relation.templates):
-                    if index not in held:
-                        examples.append((template.format(subject), obj))
-        return examples
+        return [(template.format(subject), obj) for (subject, _), (template, obj) in self._trained_statements()]
 
     def known_fact_requests(self) -> list[EditRequest]:
         """Every fact as the model learned it: one request per (subject, relation, trained template),
