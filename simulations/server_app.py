@@ -13,7 +13,6 @@ results, the oracle and the checkpoints are numbered by edit round.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 from flwr.common import Context
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
@@ -33,9 +32,7 @@ def build_strategy(scenario: Scenario, *, evaluate: bool = True, writer: Results
                    wait_for_clients: bool = True):
     """The strategy a scenario names, wired to the world model's layers and statistics."""
     bed = testbed_for(scenario, progress=True)
-    if scenario.knowledge_weight > 0:  # computed once per model and cached: show progress on the first run
-        bed.knowledge_grams(replace(bed.memit_config, **scenario.memit_overrides()), progress=True)
-    editor = bed.editor(**scenario.memit_overrides())
+    editor = bed.editor(progress=True, **scenario.memit_overrides())  # progress: K0 of knowledge-weight, once
     specs = [LayerSpec(name, *shape) for name, shape in editor.layer_shapes().items()]
     n = scenario.effective_clients if wait_for_clients else 0
     kwargs = dict(layer_specs=specs, min_fit_clients=n, min_evaluate_clients=n, min_available_clients=n,

@@ -164,6 +164,16 @@ def compute_layer_stats(model: torch.nn.Module, tokenizer, layers: Sequence[str]
     return {name: LayerStats(name, sums[name].cpu().numpy(), count, fingerprint, source) for name in layers}
 
 
+def _cached_layer_stats(root: Path, fingerprint: str, source: str, layers: Sequence[str]) -> dict[str, LayerStats]:
+    """The layers of ``layers`` whose statistics are in the cache (checked against model and layer)."""
+    found = {}
+    for name in layers:
+        path = _stats_path(root, fingerprint, source, name)
+        if path.exists():
+            found[name] = load_layer_stats(path, model_fingerprint=fingerprint, layer=name)
+    return found
+
+
 def layer_covariances(model: torch.nn.Module, tokenizer, layers: Sequence[str], texts: Iterable[str], *,
                       source: str | None = None, cache_dir: str | Path | None = None, progress: bool = True,
                       batch_size: int = 32, max_length: int = 256) -> dict[str, np.ndarray]:
@@ -176,11 +186,7 @@ def layer_covariances(model: torch.nn.Module, tokenizer, layers: Sequence[str], 
     source = source or text_fingerprint(texts)
     fingerprint = model_fingerprint(model)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    found: dict[str, LayerStats] = {}
-    for name in layers:
-        path = _stats_path(root, fingerprint, source, name)
-        if path.exists():
-            found[name] = load_layer_stats(path, model_fingerprint=fingerprint, layer=name)
+    found = _cached_layer_stats(root, fingerprint, source, layers)
     missing = [name for name in layers if name not in found]
     if missing:
         log.info("computing covariance statistics of %s over %d texts", missing, len(texts))
@@ -211,13 +217,12 @@ def knowledge_key_grams(editor, requests: Sequence, *, cache_dir: str | Path | N
     source = f"knowledge-{digest.hexdigest()[:16]}"
     fingerprint = model_fingerprint(editor.model)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    paths = {name: _stats_path(root, fingerprint, source, name) for name in editor.layer_names}
-    if all(path.exists() for path in paths.values()):
-        return {name: load_layer_stats(path, model_fingerprint=fingerprint, layer=name).sum_kkt
-                for name, path in paths.items()}
+    found = _cached_layer_stats(root, fingerprint, source, editor.layer_names)
+    if len(found) == len(editor.layer_names):
+        return {name: stats.sum_kkt for name, stats in found.items()}
     log.info("computing knowledge keys of %d facts for %s", len(requests), editor.layer_names)
     grams = editor.key_gram(list(requests), batch_size=batch_size, progress=progress)
     for name, gram in grams.items():
-        save_layer_stats(LayerStats(name, gram, len(requests), fingerprint, source), paths[name])
+        save_layer_stats(LayerStats(name, gram, len(requests), fingerprint, source),
+                         _stats_path(root, fingerprint, source, name))
     return grams
-

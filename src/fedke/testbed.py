@@ -69,12 +69,13 @@ class Testbed:
     def tokenizer(self):
         return self.world_model.tokenizer
 
-    def editor(self, **overrides) -> MemitEditor:
+    def editor(self, *, progress: bool = False, **overrides) -> MemitEditor:
         """A MEMIT editor over this testbed's model (``overrides`` change MemitConfig fields).
 
-        With ``knowledge_weight > 0`` the editor gets :meth:`knowledge_grams` (computed on first use)."""
+        With ``knowledge_weight > 0`` the editor gets :meth:`knowledge_grams` (computed on first use,
+        with a progress bar if ``progress``)."""
         config = replace(self.memit_config, **overrides) if overrides else self.memit_config
-        grams = self.knowledge_grams(config) if config.knowledge_weight > 0 else None
+        grams = self.knowledge_grams(config, progress=progress) if config.knowledge_weight > 0 else None
         return MemitEditor(self.model, self.tokenizer, self.covariances, config, knowledge_grams=grams)
 
     def knowledge_grams(self, config: MemitConfig | None = None, *, progress: bool = False) -> dict[str, np.ndarray]:

@@ -286,16 +286,11 @@ class MemitEditor:
         ``knowledge_grams`` of :class:`MemitConfig`'s ``knowledge_weight``."""
         from tqdm.auto import tqdm
 
-        grams = {name: None for name in self.layer_names}
+        grams = {name: np.zeros_like(self.covariances[name]) for name in self.layer_names}
         starts = range(0, len(requests), batch_size)
         for start in tqdm(starts, desc="knowledge keys", unit="batch", disable=not progress):
             for name, keys in self.keys(requests[start:start + batch_size], batch_size=batch_size).items():
-                gram = keys @ keys.T
-                grams[name] = gram if grams[name] is None else grams[name] + gram
-        if not requests:
-            for name in self.layer_names:
-                d_in = self.covariances[name].shape[0]
-                grams[name] = np.zeros((d_in, d_in))
+                grams[name] += keys @ keys.T
         return grams
 
     def edit_with_internals(self, requests: Sequence[EditRequest], *,
