@@ -109,7 +109,7 @@ def _client_fn(context):
             if partition == settings["fail-partition"]:
                 raise RuntimeError(f"synthetic client {partition} fails on purpose")
             if partition == settings["slow-partition"]:
-                time.sleep(10 * max(1.0, settings["round-timeout"]))  # well past the round timeout
+                time.sleep(settings["round-timeout"] + 120.0)  # well past the round timeout (the deployment ends it)
             payload = synthetic_payload(specs, settings["edits"], seed=1000 * int(config.get("server_round", 1)) + partition,
                                         with_delta=settings["send-delta"], lam=settings["lam"])
             arrays = encode_payload(payload, dtype=settings["wire-dtype"], send_delta=settings["send-delta"])

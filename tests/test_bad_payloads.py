@@ -184,13 +184,14 @@ def test_checkpoints_are_safetensors_and_json(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_a_client_that_raises_and_one_that_times_out_in_a_real_deployment(tmp_path, monkeypatch):
     """Through Flower for real (loopback SuperLink, 3 SuperNodes): client 1 raises, client 2 sleeps past
-    the round timeout; the round merges client 0 alone and says so."""
+    the round timeout; the round merges client 0 alone and says so. The timeout (20 s) leaves client 0
+    room to start its ClientApp on a loaded 2-core machine (8 s did not, once in a fresh clone)."""
     from fedke.simulations.deploy import LoopbackDeployment
     from fedke.simulations.synthetic import write_app
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     app = write_app(tmp_path / "app", **{"d-in": 32, "d-out": 8, "layers": 2, "edits": 4, "num-clients": 3,
-                                          "fail-partition": 1, "slow-partition": 2, "round-timeout": 8.0})
+                                          "fail-partition": 1, "slow-partition": 2, "round-timeout": 20.0})
     report = tmp_path / "report.json"
     with LoopbackDeployment(3, flwr_home=tmp_path / "home") as deployment:
         result = deployment.run(app, run_config={"report": str(report)}, timeout_s=240)

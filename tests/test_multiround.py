@@ -200,3 +200,13 @@ def test_forgetting_benchmark_writes_exactly_the_issue_keys(cache_dir, tiny_bed,
     first, last = result["peak_rss_mb"]
     assert 0 < first <= last and result["seconds_per_round"] > 0
     assert "projected 1000-round run" in capsys.readouterr().out
+
+    # one Global-Edit of the requests of rounds 1..t; at t = 1 it IS round 1 of the runs
+    # (decoupled CollabEdit merges exactly to Global-Edit; targets are optimised per request)
+    oneshot = load_bench("forgetting_oneshot").main(["--quick", "--rounds", "3", "--cache-dir", str(cache_dir),
+                                                 "--compare", str(out), "--out", str(tmp_path / "oneshot.json")])
+    assert [(run["rounds"], run["n_edits"]) for run in oneshot["runs"]] == [(1, 6), (3, 18)]
+    first, last = oneshot["runs"]
+    assert first["old"] == pytest.approx(result["before"], abs=1e-9) and first["new"] == {}
+    assert list(last["old"]) == list(last["new"]) == table5
+    assert oneshot["dynamic"] == {str(r): {k: result["per_round"][3 + r - 1][f"old_{k}"] for k in table5} for r in (1, 3)}

@@ -139,6 +139,14 @@ class Targets:
     h_init: torch.Tensor  # (M, d_model) float64, the unedited outputs at the fact token
     signature: tuple
 
+    def subset(self, indices: Sequence[int]) -> "Targets":
+        """The targets of the requests at ``indices`` (in that order): each request's target vector is
+        optimised on its own, so a sub-batch of a sweep reuses them instead of optimising again."""
+        indices = [int(i) for i in indices]
+        if any(not 0 <= i < len(self.requests) for i in indices):
+            raise IndexError(f"target indices must be in 0..{len(self.requests) - 1}")
+        return Targets(tuple(self.requests[i] for i in indices), self.z[indices], self.h_init[indices], self.signature)
+
 
 @dataclass
 class _Encoded:
