@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=200, help="requests per target optimisation")
     parser.add_argument("--cache-dir", default="")
-    parser.add_argument("--compare", default=None, help="a bench/forgetting.py result to set beside the bound")
+    parser.add_argument("--compare", default=None, help="a bench/forgetting.py result to set beside the batches")
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="tiny preset, 6 rounds x 3 clients")
     args = parser.parse_args(argv)

@@ -206,7 +206,7 @@ def test_forgetting_benchmark_writes_exactly_the_issue_keys(cache_dir, tiny_bed,
     oneshot = load_bench("forgetting_oneshot").main(["--quick", "--rounds", "3", "--cache-dir", str(cache_dir),
                                                  "--compare", str(out), "--out", str(tmp_path / "oneshot.json")])
     assert [(run["rounds"], run["n_edits"]) for run in oneshot["runs"]] == [(1, 6), (3, 18)]
-    first, last = oneshot["runs"]
-    assert first["old"] == pytest.approx(result["before"], abs=1e-9) and first["new"] == {}
-    assert list(last["old"]) == list(last["new"]) == table5
+    round_one, round_three = oneshot["runs"]
+    assert round_one["old"] == pytest.approx(result["before"], abs=1e-9) and round_one["new"] == {}
+    assert list(round_three["old"]) == list(round_three["new"]) == table5
     assert oneshot["dynamic"] == {str(r): {k: result["per_round"][3 + r - 1][f"old_{k}"] for k in table5} for r in (1, 3)}
