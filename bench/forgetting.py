@@ -55,7 +55,8 @@ def scenario_from_args(args) -> Scenario:
     preset = "tiny" if args.quick else args.preset
     overrides = dict(num_rounds=args.rounds, num_clients=args.clients, edits_per_client=args.edits_per_client,
                      forgetting=True, strategy=args.method, beta0=args.beta0, beta1=args.beta1,
-                     old_relations=args.old_relations, seed=args.seed, knowledge_weight=args.knowledge_weight)
+                     old_relations=args.old_relations, seed=args.seed, knowledge_weight=args.knowledge_weight,
+                     editor_mode=args.editor_mode)
     if args.lam is not None:
         overrides["lam"] = args.lam
     if args.cache_dir:
@@ -75,8 +76,15 @@ def add_small_world_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lam", type=float, default=300.0)
     parser.add_argument("--beta0", type=float, default=1.0)
     parser.add_argument("--beta1", type=float, default=1.0)
+    add_editor_mode_argument(parser)
     parser.add_argument("--cache-dir", default="")
     parser.add_argument("--out", default=None)
+
+
+def add_editor_mode_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--editor-mode", choices=["decoupled", "sequential"], default="decoupled",
+                        help="MEMIT's layers: decoupled (the CollabEdit authors') or sequential (stock MEMIT; "
+                             "CollabEdit then runs layer-wise, still equal to Global-Edit)")
 
 
 def small_world_scenario(args, **overrides) -> Scenario:
@@ -84,7 +92,7 @@ def small_world_scenario(args, **overrides) -> Scenario:
     return Scenario.from_preset("default", num_rounds=args.rounds, num_clients=args.clients,
                                 edits_per_client=args.edits_per_client, forgetting=True, lam=args.lam,
                                 beta0=args.beta0, beta1=args.beta1, world_subjects=args.subjects,
-                                world_relations=args.relations, model_layers=args.layers,
+                                world_relations=args.relations, model_layers=args.layers, editor_mode=args.editor_mode,
                                 **({"cache_dir": args.cache_dir} if args.cache_dir else {}), **overrides)
 
 
@@ -124,7 +132,7 @@ def run_one(scenario: Scenario, covariance: str, per_round: list, rss: dict, che
     return seen
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=100, help="Flower rounds (round 1 edits the old set)")
     parser.add_argument("--clients", type=int, default=10)
@@ -133,6 +141,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--beta0", type=float, default=1.0)
     parser.add_argument("--beta1", type=float, default=1.0)
     parser.add_argument("--lam", type=float, default=None, help="MEMIT lam (default: the preset's)")
+    add_editor_mode_argument(parser)
     parser.add_argument("--knowledge-weight", type=float, default=0.0,
                         help="alpha of A0 = lam C0 + alpha K0 K0^T over the world's known facts (0: MEMIT's C0)")
     parser.add_argument("--old-relations", type=int, default=1)
@@ -142,16 +151,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint every round")
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="tiny preset, 6 rounds, 3 clients x 2 edits")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.rounds, args.clients, args.edits_per_client = min(args.rounds, 6), min(args.clients, 3), 2
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     scenario = scenario_from_args(args)
     print(f"forgetting: {scenario.num_rounds} rounds x {scenario.num_clients} clients x {scenario.edits_per_client} "
           f"edits, {scenario.strategy}, world {scenario.world_subjects} x {scenario.world_relations}, model "
           f"{scenario.model_layers} x {scenario.model_width}, lam {scenario.lam}, knowledge weight "
-          f"{scenario.knowledge_weight}, dynamic beta0={scenario.beta0} beta1={scenario.beta1}", flush=True)
+          f"{scenario.knowledge_weight}, {scenario.editor_mode} MEMIT, dynamic beta0={scenario.beta0} beta1={scenario.beta1}", flush=True)
 
     checkpoint_root = None if args.no_checkpoint else Path(tempfile.mkdtemp(prefix="fedke-forgetting-"))
     per_round: list = []

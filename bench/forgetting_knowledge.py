@@ -102,7 +102,8 @@ def main(argv=None) -> dict:
         print_table(rows, ["alpha", "stage", *TABLE5],
                     f"Old edits under {args.covariance} C with A0 = lam C0 + alpha K0 K0^T, {args.rounds - 1} rounds of "
                     f"{args.clients} x {args.edits_per_client} new edits, world {args.subjects} x {args.relations}, "
-                    f"model {args.layers} x {args.width}, lam {args.lam} (x100; new_at_own_round: new edits in their round)")
+                    f"model {args.layers} x {args.width}, {args.editor_mode} MEMIT, lam {args.lam} "
+                    "(x100; new_at_own_round: new edits in their round)")
     write_json(args.out, result)
     return result
 

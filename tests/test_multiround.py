@@ -181,6 +181,18 @@ def test_state_does_not_grow_with_payloads(collab_runs):
     assert outcome.seconds_per_round and len(outcome.seconds_per_round) == ROUNDS
 
 
+def test_forgetting_benchmark_editor_mode_reaches_the_scenario(load_bench):
+    """``--editor-mode sequential`` runs stock MEMIT, and CollabEdit then goes layer-wise (exact)."""
+    module = load_bench("forgetting")
+    default = module.scenario_from_args(module.parse_args(["--quick"]))
+    sequential = module.scenario_from_args(module.parse_args(["--quick", "--editor-mode", "sequential"]))
+    assert (default.editor_mode, default.layerwise_enabled) == ("decoupled", False)
+    assert (sequential.editor_mode, sequential.layerwise_enabled) == ("sequential", True)
+    assert sequential.forgetting and sequential.num_rounds == 6
+    with pytest.raises(SystemExit):
+        module.parse_args(["--editor-mode", "stock"])
+
+
 def test_forgetting_benchmark_writes_exactly_the_issue_keys(cache_dir, tiny_bed, tmp_path, capsys, load_bench):
     import json
 
