@@ -57,8 +57,9 @@ def scenario_from_args(args) -> Scenario:
                      forgetting=True, strategy=args.method, beta0=args.beta0, beta1=args.beta1,
                      old_relations=args.old_relations, seed=args.seed, knowledge_weight=args.knowledge_weight,
                      editor_mode=args.editor_mode)
-    if args.lam is not None:
-        overrides["lam"] = args.lam
+    for key in ("lam", "model_width", "model_epochs"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     if args.cache_dir:
         overrides["cache_dir"] = args.cache_dir
     return Scenario.from_preset(preset, **overrides)
@@ -77,6 +78,8 @@ def add_small_world_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta0", type=float, default=1.0)
     parser.add_argument("--beta1", type=float, default=1.0)
     add_editor_mode_argument(parser)
+    parser.add_argument("--model-epochs", type=int, default=40,
+                        help="the world model's most training epochs (wider models need more: 4 x 256 took 47)")
     parser.add_argument("--cache-dir", default="")
     parser.add_argument("--out", default=None)
 
@@ -93,6 +96,7 @@ def small_world_scenario(args, **overrides) -> Scenario:
                                 edits_per_client=args.edits_per_client, forgetting=True, lam=args.lam,
                                 beta0=args.beta0, beta1=args.beta1, world_subjects=args.subjects,
                                 world_relations=args.relations, model_layers=args.layers, editor_mode=args.editor_mode,
+                                model_epochs=args.model_epochs,
                                 **({"cache_dir": args.cache_dir} if args.cache_dir else {}), **overrides)
 
 
@@ -142,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beta1", type=float, default=1.0)
     parser.add_argument("--lam", type=float, default=None, help="MEMIT lam (default: the preset's)")
     add_editor_mode_argument(parser)
+    parser.add_argument("--model-width", type=int, default=None, help="the world model's width (default: the preset's)")
+    parser.add_argument("--model-epochs", type=int, default=None,
+                        help="the world model's most training epochs (default: the preset's; wider models need more)")
     parser.add_argument("--knowledge-weight", type=float, default=0.0,
                         help="alpha of A0 = lam C0 + alpha K0 K0^T over the world's known facts (0: MEMIT's C0)")
     parser.add_argument("--old-relations", type=int, default=1)
@@ -168,7 +175,7 @@ def main(argv=None) -> dict:
     scenario = scenario_from_args(args)
     print(f"forgetting: {scenario.num_rounds} rounds x {scenario.num_clients} clients x {scenario.edits_per_client} "
           f"edits, {scenario.strategy}, world {scenario.world_subjects} x {scenario.world_relations}, model "
-          f"{scenario.model_layers} x {scenario.model_width}, lam {scenario.lam}, knowledge weight "
+          f"{scenario.model_layers} x {scenario.model_width} (at most {scenario.model_epochs} epochs), lam {scenario.lam}, knowledge weight "
           f"{scenario.knowledge_weight}, {scenario.editor_mode} MEMIT, dynamic beta0={scenario.beta0} beta1={scenario.beta1}", flush=True)
 
     checkpoint_root = None if args.no_checkpoint else Path(tempfile.mkdtemp(prefix="fedke-forgetting-"))

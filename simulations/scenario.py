@@ -11,6 +11,8 @@ Every key of the run config has a field here (hyphens become underscores)::
     world-seed = 0
     model-layers = 4             # the world model (its cache key)
     model-width = 128
+    model-epochs = 40            # the world model's most training epochs (it stops at 98% train accuracy);
+                                 # wider models need more (a 4 x 256 model took 47 on the 400-subject world)
     editor-mode = "decoupled"    # decoupled | sequential
     layerwise = "auto"           # auto | true | false: layer-wise CollabEdit (one edited layer per server round)
     fact-token = "last"          # last | subject_last
@@ -111,6 +113,7 @@ class Scenario:
     world_seed: int = 0
     model_layers: int = 4
     model_width: int = 128
+    model_epochs: int = 40
     editor_mode: str = "decoupled"
     layerwise: str = "auto"
     fact_token: str = "last"
@@ -151,7 +154,7 @@ class Scenario:
             raise ValueError(f"wire-dtype must be float16, float32 or float64, got {self.wire_dtype!r}")
         if self.partitioning not in ("iid", "relation"):
             raise ValueError(f"partitioning must be 'iid' or 'relation', got {self.partitioning!r}")
-        for name in ("num_clients", "edits_per_client", "num_rounds"):
+        for name in ("num_clients", "edits_per_client", "num_rounds", "model_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         self._check_multiround()
@@ -322,7 +325,7 @@ class Scenario:
 
     def model_config(self) -> WorldModelConfig:
         return WorldModelConfig(n_layer=self.model_layers, n_embd=self.model_width,
-                                n_head=max(1, self.model_width // 32))
+                                n_head=max(1, self.model_width // 32), max_epochs=self.model_epochs)
 
     def memit_overrides(self) -> dict[str, Any]:
         return {"mode": self.editor_mode, "fact_token": self.fact_token, "lam": self.lam, "passes": self.passes,

@@ -181,14 +181,18 @@ def test_state_does_not_grow_with_payloads(collab_runs):
     assert outcome.seconds_per_round and len(outcome.seconds_per_round) == ROUNDS
 
 
-def test_forgetting_benchmark_editor_mode_reaches_the_scenario(load_bench):
-    """``--editor-mode sequential`` runs stock MEMIT, and CollabEdit then goes layer-wise (exact)."""
+def test_forgetting_benchmark_settings_reach_the_scenario(load_bench):
+    """``--editor-mode sequential`` runs stock MEMIT, and CollabEdit then goes layer-wise (exact);
+    ``--model-width`` / ``--model-epochs`` pick the world model, the preset's when not given."""
     module = load_bench("forgetting")
     default = module.scenario_from_args(module.parse_args(["--quick"]))
     sequential = module.scenario_from_args(module.parse_args(["--quick", "--editor-mode", "sequential"]))
     assert (default.editor_mode, default.layerwise_enabled) == ("decoupled", False)
     assert (sequential.editor_mode, sequential.layerwise_enabled) == ("sequential", True)
     assert sequential.forgetting and sequential.num_rounds == 6
+    assert (default.model_width, default.model_epochs) == (64, 40)  # the tiny preset's
+    wide = module.scenario_from_args(module.parse_args(["--model-width", "256", "--model-epochs", "80"]))
+    assert (wide.model_width, wide.model_epochs, wide.world_subjects) == (256, 80, 1000)
     with pytest.raises(SystemExit):
         module.parse_args(["--editor-mode", "stock"])
 

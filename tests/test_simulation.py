@@ -10,6 +10,7 @@ import pytest
 from fedke.codec import decode_payload, decode_update, encode_update
 from fedke.editing import applied_update
 from fedke.simulations.scenario import Scenario, deal_cases
+from fedke.worldmodel import WorldModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,12 @@ def test_scenario_from_run_config_and_errors():
         Scenario(num_clients=50, edits_per_client=50, world_subjects=100, world_relations=2)
     with pytest.raises(ValueError, match="no preset"):
         Scenario.from_preset("no-such-preset")
+    with pytest.raises(ValueError, match="model-epochs must be at least 1, got 0"):
+        Scenario(model_epochs=0)
+    # the world model's training budget is part of its config (and so of its cache key); the default
+    # leaves WorldModelConfig, and every cached model, as it was
+    assert Scenario().model_config() == WorldModelConfig(n_layer=4, n_embd=128, n_head=4)
+    assert Scenario(model_width=256, model_epochs=80).model_config().max_epochs == 80
 
 
 def test_pyproject_defaults_are_the_scenario_defaults():
