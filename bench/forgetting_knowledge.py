@@ -11,7 +11,8 @@ token), so nothing in ``lam C0`` keeps a new edit off the facts the model alread
 fact in every trained template (:meth:`fedke.testbed.Testbed.knowledge_grams`). The same forgetting
 scenario runs once per alpha (dynamic C, or ``--covariance immutable``).
 
-Writes ``{"config", "key_space", "runs"}``. ``key_space`` describes, per edited layer, how the known
+Writes ``{"config", "world_model", "key_space", "runs"}`` (``world_model``: its train and held-out accuracy,
+epochs and parameters). ``key_space`` describes, per edited layer, how the known
 facts' keys sit against MEMIT's regulariser: ``d_in``, ``n_keys``, ``rank_90`` / ``rank_99`` (how
 many directions hold 90% / 99% of ``K0 K0^T``'s energy) and ``directions_over_a0`` /
 ``directions_over_10x_a0`` (eigenvalues of ``K0 K0^T`` whitened by ``A0 = lam C0`` above 1 / 10: the
@@ -94,7 +95,9 @@ def main(argv=None) -> dict:
                      "new_at_own_round": {key: sum(e[f"new_{key}"] for e in own) / len(own) for key in TABLE5},
                      "seconds_per_round": sum(e["seconds"] for e in per_round) / len(per_round)})
 
+    report = bed.world_model.report
     result = {"config": {key: value for key, value in vars(args).items() if key not in ("out", "quick")},
+              "world_model": {key: report.get(key) for key in ("train_acc", "heldout_acc", "epochs", "n_params")},
               "key_space": space, "runs": runs}
     rows = [{"alpha": f"{run['knowledge_weight']:g}", "stage": stage, **run[stage]}
             for run in runs for stage in ("before", "after", "drop", "new_at_own_round")]

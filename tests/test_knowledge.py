@@ -110,7 +110,8 @@ def test_knowledge_sweep_benchmark(cache_dir, tiny_bed, tmp_path, load_bench):
     out = tmp_path / "knowledge.json"
     result = module.main(["--quick", "--rounds", "3", "--cache-dir", str(cache_dir), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert set(result) == {"config", "key_space", "runs"}
+    assert set(result) == {"config", "world_model", "key_space", "runs"}
+    assert result["world_model"]["train_acc"] > 50 and result["world_model"]["epochs"] >= 1
     for row in result["key_space"].values():
         assert 1 <= row["rank_90"] <= row["rank_99"] <= row["d_in"]
         assert 0 <= row["directions_over_10x_a0"] <= row["directions_over_a0"] <= row["d_in"]
