@@ -78,7 +78,7 @@ def add_small_world_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta0", type=float, default=1.0)
     parser.add_argument("--beta1", type=float, default=1.0)
     add_editor_mode_argument(parser)
-    parser.add_argument("--model-epochs", type=int, default=40,
+    parser.add_argument("--model-epochs", type=int, default=Scenario.model_epochs,
                         help="the world model's most training epochs (wider models need more: 4 x 256 took 47)")
     parser.add_argument("--cache-dir", default="")
     parser.add_argument("--out", default=None)
