@@ -57,7 +57,7 @@ def scenario_from_args(args) -> Scenario:
                      forgetting=True, strategy=args.method, beta0=args.beta0, beta1=args.beta1,
                      old_relations=args.old_relations, seed=args.seed, knowledge_weight=args.knowledge_weight,
                      editor_mode=args.editor_mode)
-    for key in ("lam", "model_width", "model_epochs"):
+    for key in ("lam", "model_width", "model_epochs", "target_steps", "target_clamp", "target_loss_stop"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.cache_dir:
@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-width", type=int, default=None, help="the world model's width (default: the preset's)")
     parser.add_argument("--model-epochs", type=int, default=None,
                         help="the world model's most training epochs (default: the preset's; wider models need more)")
+    parser.add_argument("--target-steps", type=int, default=None,
+                        help="MEMIT target-optimisation steps (default: the preset's, the reference's 25)")
+    parser.add_argument("--target-clamp", type=float, default=None,
+                        help="MEMIT clamp_norm_factor (default: the preset's, 0.75)")
+    parser.add_argument("--target-loss-stop", type=float, default=None,
+                        help="stop optimising a target below this mean NLL (default: the preset's, 0.05); "
+                             "fedke.testbed.STRONG_TARGETS is --target-steps 60 --target-clamp 4 --target-loss-stop 5e-4")
     parser.add_argument("--knowledge-weight", type=float, default=0.0,
                         help="alpha of A0 = lam C0 + alpha K0 K0^T over the world's known facts (0: MEMIT's C0)")
     parser.add_argument("--old-relations", type=int, default=1)
@@ -175,7 +182,8 @@ def main(argv=None) -> dict:
     scenario = scenario_from_args(args)
     print(f"forgetting: {scenario.num_rounds} rounds x {scenario.num_clients} clients x {scenario.edits_per_client} "
           f"edits, {scenario.strategy}, world {scenario.world_subjects} x {scenario.world_relations}, model "
-          f"{scenario.model_layers} x {scenario.model_width} (at most {scenario.model_epochs} epochs), lam {scenario.lam}, knowledge weight "
+          f"{scenario.model_layers} x {scenario.model_width} (at most {scenario.model_epochs} epochs), lam {scenario.lam}, targets {scenario.target_steps} steps / clamp "
+          f"{scenario.target_clamp} / stop {scenario.target_loss_stop}, knowledge weight "
           f"{scenario.knowledge_weight}, {scenario.editor_mode} MEMIT, dynamic beta0={scenario.beta0} beta1={scenario.beta1}", flush=True)
 
     checkpoint_root = None if args.no_checkpoint else Path(tempfile.mkdtemp(prefix="fedke-forgetting-"))

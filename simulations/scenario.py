@@ -20,6 +20,9 @@ Every key of the run config has a field here (hyphens become underscores)::
     knowledge-weight = 0.0       # alpha: A0 = lam C0 + alpha K0 K0^T over the keys of every fact the world model
                                  # knows (MemitConfig.knowledge_weight; 0 = MEMIT's C0 over text alone)
     passes = 1                   # MEMIT passes with the targets fixed (MemitConfig.passes; 1 = MEMIT)
+    target-steps = 25            # MEMIT's target optimisation (v_num_grad_steps, clamp_norm_factor, and the
+    target-clamp = 0.75          # mean target NLL it stops at); a well-trained wide world model is confident
+    target-loss-stop = 0.05      # enough that 25 steps leave most edits unmade (fedke.testbed.STRONG_TARGETS)
     ta-lambda = 1.0              # Task Arithmetic scale
     ties-k = 0.2                 # TIES density (top-k fraction kept)
     ties-lambda = 1.0            # TIES scale
@@ -120,6 +123,9 @@ class Scenario:
     lam: float = 300.0
     knowledge_weight: float = 0.0
     passes: int = 1
+    target_steps: int = 25
+    target_clamp: float = 0.75
+    target_loss_stop: float = 5e-2
     ta_lambda: float = 1.0
     ties_k: float = 0.2
     ties_lambda: float = 1.0
@@ -154,7 +160,7 @@ class Scenario:
             raise ValueError(f"wire-dtype must be float16, float32 or float64, got {self.wire_dtype!r}")
         if self.partitioning not in ("iid", "relation"):
             raise ValueError(f"partitioning must be 'iid' or 'relation', got {self.partitioning!r}")
-        for name in ("num_clients", "edits_per_client", "num_rounds", "model_epochs"):
+        for name in ("num_clients", "edits_per_client", "num_rounds", "model_epochs", "target_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         self._check_multiround()
@@ -170,6 +176,9 @@ class Scenario:
             raise ValueError("secure-aggregation = true cannot use streaming-aggregation = true (SecAgg+ has its own fit stage)")
         if not self.knowledge_weight >= 0:
             raise ValueError(f"knowledge-weight must be non-negative, got {self.knowledge_weight}")
+        for name in ("target_clamp", "target_loss_stop"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.secagg_clip > 0:
             raise ValueError(f"secagg-clip must be positive, got {self.secagg_clip}")
         capacity = self.world_subjects * self.world_relations
@@ -329,7 +338,8 @@ class Scenario:
 
     def memit_overrides(self) -> dict[str, Any]:
         return {"mode": self.editor_mode, "fact_token": self.fact_token, "lam": self.lam, "passes": self.passes,
-                "knowledge_weight": self.knowledge_weight}
+                "knowledge_weight": self.knowledge_weight, "v_num_grad_steps": self.target_steps,
+                "clamp_norm_factor": self.target_clamp, "loss_stop": self.target_loss_stop}
 
     def strategy_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of the named strategy beyond the common ones."""

@@ -183,7 +183,8 @@ def test_state_does_not_grow_with_payloads(collab_runs):
 
 def test_forgetting_benchmark_settings_reach_the_scenario(load_bench):
     """``--editor-mode sequential`` runs stock MEMIT, and CollabEdit then goes layer-wise (exact);
-    ``--model-width`` / ``--model-epochs`` pick the world model, the preset's when not given."""
+    ``--model-width`` / ``--model-epochs`` pick the world model and ``--target-*`` MEMIT's target
+    optimisation, the preset's when not given."""
     module = load_bench("forgetting")
     default = module.scenario_from_args(module.parse_args(["--quick"]))
     sequential = module.scenario_from_args(module.parse_args(["--quick", "--editor-mode", "sequential"]))
@@ -193,6 +194,10 @@ def test_forgetting_benchmark_settings_reach_the_scenario(load_bench):
     assert (default.model_width, default.model_epochs) == (64, 40)  # the tiny preset's
     wide = module.scenario_from_args(module.parse_args(["--model-width", "256", "--model-epochs", "80"]))
     assert (wide.model_width, wide.model_epochs, wide.world_subjects) == (256, 80, 1000)
+    assert (wide.target_steps, wide.target_clamp, wide.target_loss_stop) == (25, 0.75, 5e-2)
+    strong = module.scenario_from_args(module.parse_args(
+        ["--target-steps", "60", "--target-clamp", "4", "--target-loss-stop", "5e-4"]))
+    assert (strong.target_steps, strong.target_clamp, strong.target_loss_stop) == (60, 4.0, 5e-4)
     with pytest.raises(SystemExit):
         module.parse_args(["--editor-mode", "stock"])
 

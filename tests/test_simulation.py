@@ -42,6 +42,23 @@ def test_scenario_from_run_config_and_errors():
     # leaves WorldModelConfig, and every cached model, as it was
     assert Scenario().model_config() == WorldModelConfig(n_layer=4, n_embd=128, n_head=4)
     assert Scenario(model_width=256, model_epochs=80).model_config().max_epochs == 80
+    # MEMIT's target optimisation: the defaults are the reference's (MemitConfig's), and the keys
+    # reach the editor's config (a confident wide world model needs fedke.testbed.STRONG_TARGETS)
+    from dataclasses import replace
+
+    from fedke.editing.memit import MemitConfig
+    from fedke.testbed import STRONG_TARGETS
+
+    def target_settings(config):
+        return config.v_num_grad_steps, config.clamp_norm_factor, config.loss_stop
+
+    assert target_settings(replace(MemitConfig(), **Scenario().memit_overrides())) == target_settings(MemitConfig())
+    strong = Scenario.from_run_config({"target-steps": 60, "target-clamp": 4.0, "target-loss-stop": 5e-4})
+    assert target_settings(replace(MemitConfig(), **strong.memit_overrides())) == target_settings(
+        replace(MemitConfig(), **STRONG_TARGETS))
+    for key, value in (("target-steps", 0), ("target-clamp", 0.0), ("target-loss-stop", -1.0)):
+        with pytest.raises(ValueError, match=f"{key} must be"):
+            Scenario.from_run_config({key: value})
 
 
 def test_pyproject_defaults_are_the_scenario_defaults():
