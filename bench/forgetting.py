@@ -46,6 +46,7 @@ from _common import write_json  # noqa: E402
 
 from fedke.simulations.multiround import NEW_ALL, OLD_SET, current_rss_mb, new_set_name, peak_rss_mb, run_multiround  # noqa: E402
 from fedke.simulations.scenario import Scenario  # noqa: E402
+from fedke.testbed import STRONG_TARGETS  # noqa: E402
 
 TABLE5 = ["NS", "PS", "ES", "Score", "NA", "PA", "EA", "AccScore"]
 RSS_ROUND = 10
@@ -149,13 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-width", type=int, default=None, help="the world model's width (default: the preset's)")
     parser.add_argument("--model-epochs", type=int, default=None,
                         help="the world model's most training epochs (default: the preset's; wider models need more)")
+    strong = (f"--target-steps {STRONG_TARGETS['v_num_grad_steps']} --target-clamp {STRONG_TARGETS['clamp_norm_factor']} "
+              f"--target-loss-stop {STRONG_TARGETS['loss_stop']}")
     parser.add_argument("--target-steps", type=int, default=None,
-                        help="MEMIT target-optimisation steps (default: the preset's, the reference's 25)")
+                        help=f"MEMIT target-optimisation steps (default: the preset's, {Scenario.target_steps})")
     parser.add_argument("--target-clamp", type=float, default=None,
-                        help="MEMIT clamp_norm_factor (default: the preset's, 0.75)")
+                        help=f"MEMIT clamp_norm_factor (default: the preset's, {Scenario.target_clamp})")
     parser.add_argument("--target-loss-stop", type=float, default=None,
-                        help="stop optimising a target below this mean NLL (default: the preset's, 0.05); "
-                             "fedke.testbed.STRONG_TARGETS is --target-steps 60 --target-clamp 4 --target-loss-stop 5e-4")
+                        help=f"stop optimising a target below this mean NLL (default: the preset's, "
+                             f"{Scenario.target_loss_stop}); fedke.testbed.STRONG_TARGETS is {strong}")
     parser.add_argument("--knowledge-weight", type=float, default=0.0,
                         help="alpha of A0 = lam C0 + alpha K0 K0^T over the world's known facts (0: MEMIT's C0)")
     parser.add_argument("--old-relations", type=int, default=1)

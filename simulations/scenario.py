@@ -98,6 +98,7 @@ from typing import Any, Mapping
 
 from fedke.data.records import EditCase
 from fedke.data.world import World, WorldConfig
+from fedke.editing.memit import MemitConfig
 from fedke.worldmodel import WorldModelConfig
 
 STRATEGY_NAMES = ("collabedit", "fedavg", "task_arithmetic", "ties", "global")
@@ -123,9 +124,9 @@ class Scenario:
     lam: float = 300.0
     knowledge_weight: float = 0.0
     passes: int = 1
-    target_steps: int = 25
-    target_clamp: float = 0.75
-    target_loss_stop: float = 5e-2
+    target_steps: int = MemitConfig.v_num_grad_steps  # the reference's target optimisation
+    target_clamp: float = MemitConfig.clamp_norm_factor
+    target_loss_stop: float = MemitConfig.loss_stop
     ta_lambda: float = 1.0
     ties_k: float = 0.2
     ties_lambda: float = 1.0
