@@ -231,3 +231,13 @@ def test_forgetting_benchmark_writes_exactly_the_issue_keys(cache_dir, tiny_bed,
     assert round_one["old"] == pytest.approx(result["before"], abs=1e-9) and round_one["new"] == {}
     assert list(round_three["old"]) == list(round_three["new"]) == table5
     assert oneshot["dynamic"] == {str(r): {k: result["per_round"][3 + r - 1][f"old_{k}"] for k in table5} for r in (1, 3)}
+
+    # the later rounds' update split by token position: no mask is round 1, the full mask round 3
+    positions = load_bench("forgetting_positions").main(["--quick", "--rounds", "3", "--cache-dir", str(cache_dir),
+                                                         "--out", str(tmp_path / "positions.json")])
+    assert list(positions["positions"]) == ["none", "all", "subject", "other"]
+    assert {k: positions["positions"]["none"][k] for k in table5} == pytest.approx(result["before"], abs=1e-6)
+    assert {k: positions["positions"]["all"][k] for k in table5} == pytest.approx(result["after_dynamic"], abs=1e-6)
+    for summary in positions["positions"].values():
+        assert summary["n_neighbours_edited_subject"] + summary["n_neighbours_unedited_subject"] > 0
+    assert all(norms["U_R - U_1"] > 0 for norms in positions["update_norms"].values())
