@@ -200,6 +200,8 @@ def test_forgetting_benchmark_settings_reach_the_scenario(load_bench):
     assert (strong.target_steps, strong.target_clamp, strong.target_loss_stop) == (60, 4.0, 5e-4)
     with pytest.raises(SystemExit):
         module.parse_args(["--editor-mode", "stock"])
+    with pytest.raises(SystemExit):  # the position split needs a round after the old edits'
+        load_bench("forgetting_positions").main(["--quick", "--rounds", "1"])
 
 
 def test_forgetting_benchmark_writes_exactly_the_issue_keys(cache_dir, tiny_bed, tmp_path, capsys, load_bench):
