@@ -171,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """``argv`` through ``parser`` (default: :func:`build_parser`'s; scripts that extend it pass
+    theirs), with ``--quick``'s tiny sizes applied."""
+    args = (parser or build_parser()).parse_args(argv)
     if args.quick:
         args.rounds, args.clients, args.edits_per_client = min(args.rounds, 6), min(args.clients, 3), 2
     return args

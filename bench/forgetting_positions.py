@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_json  # noqa: E402
-from forgetting import TABLE5, build_parser, scenario_from_args  # noqa: E402
+from forgetting import TABLE5, build_parser, parse_args, scenario_from_args  # noqa: E402
 
 from fedke.editing import applied_update  # noqa: E402
 from fedke.editing.presets import get_module  # noqa: E402
@@ -149,9 +149,7 @@ def main(argv=None) -> dict:
     parser.description = __doc__
     parser.set_defaults(rounds=30)
     parser.add_argument("--covariance", choices=["dynamic", "immutable"], default="dynamic")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.clients, args.edits_per_client = min(args.rounds, 6), min(args.clients, 3), 2
+    args = parse_args(argv, parser)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 edits the old set)")
     logging.basicConfig(level=logging.WARNING)
