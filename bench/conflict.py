@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
         base = Scenario.from_preset("tiny", num_rounds=1, num_clients=3, edits_per_client=4)
         pairs = min(args.pairs, 12)
     else:
-        base = Scenario(num_rounds=1, num_clients=args.clients, edits_per_client=max(1, args.pairs // args.clients))
+        base = Scenario(model="world", num_rounds=1, num_clients=args.clients, edits_per_client=max(1, args.pairs // args.clients))
         pairs = args.pairs
     output = tempfile.mkdtemp(prefix="fedke-conflict-")
     scenario = replace(base, strategy="collabedit", conflict_pairs=pairs, conflict_layout="cross-client",
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
                        "withdrawn": sum(int(m.get("n_withdrawn", 0)) for m in round2["clients"]),
                        "augmented_requests": int(round2["round"].get("n_edits", 0))},
         "config": {"pairs": pairs, "clients": scenario.num_clients, "policy": args.policy, "quick": args.quick,
-                   "world": bed.world.config.__dict__, "lam": scenario.lam, "seed": args.seed},
+                   "world": bed.world.config.__dict__, "lam": scenario.settings.memit.lam, "seed": args.seed},
     }
 
     if not args.no_same_client:

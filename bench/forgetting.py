@@ -93,7 +93,7 @@ def add_editor_mode_argument(parser: argparse.ArgumentParser) -> None:
 
 def small_world_scenario(args, **overrides) -> Scenario:
     """The forgetting scenario of :func:`add_small_world_arguments`'s arguments."""
-    return Scenario.from_preset("default", num_rounds=args.rounds, num_clients=args.clients,
+    return Scenario.from_preset("world", num_rounds=args.rounds, num_clients=args.clients,
                                 edits_per_client=args.edits_per_client, forgetting=True, lam=args.lam,
                                 beta0=args.beta0, beta1=args.beta1, world_subjects=args.subjects,
                                 world_relations=args.relations, model_layers=args.layers, editor_mode=args.editor_mode,
@@ -153,17 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     strong = (f"--target-steps {STRONG_TARGETS['v_num_grad_steps']} --target-clamp {STRONG_TARGETS['clamp_norm_factor']} "
               f"--target-loss-stop {STRONG_TARGETS['loss_stop']}")
     parser.add_argument("--target-steps", type=int, default=None,
-                        help=f"MEMIT target-optimisation steps (default: the preset's, {Scenario.target_steps})")
+                        help=f"MEMIT target-optimisation steps (default: the model's settings file, 25)")
     parser.add_argument("--target-clamp", type=float, default=None,
-                        help=f"MEMIT clamp_norm_factor (default: the preset's, {Scenario.target_clamp})")
+                        help=f"MEMIT clamp_norm_factor (default: the model's settings file, 0.75)")
     parser.add_argument("--target-loss-stop", type=float, default=None,
                         help=f"stop optimising a target below this mean NLL (default: the preset's, "
-                             f"{Scenario.target_loss_stop}); fedke.testbed.STRONG_TARGETS is {strong}")
+                             f"0.05); fedke.testbed.STRONG_TARGETS is {strong}")
     parser.add_argument("--knowledge-weight", type=float, default=0.0,
                         help="alpha of A0 = lam C0 + alpha K0 K0^T over the world's known facts (0: MEMIT's C0)")
     parser.add_argument("--old-relations", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preset", default="default")
+    parser.add_argument("--preset", default="world")
     parser.add_argument("--cache-dir", default="")
     parser.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint every round")
     parser.add_argument("--out", default=None)
@@ -187,8 +187,8 @@ def main(argv=None) -> dict:
     scenario = scenario_from_args(args)
     print(f"forgetting: {scenario.num_rounds} rounds x {scenario.num_clients} clients x {scenario.edits_per_client} "
           f"edits, {scenario.strategy}, world {scenario.world_subjects} x {scenario.world_relations}, model "
-          f"{scenario.model_layers} x {scenario.model_width} (at most {scenario.model_epochs} epochs), lam {scenario.lam}, targets {scenario.target_steps} steps / clamp "
-          f"{scenario.target_clamp} / stop {scenario.target_loss_stop}, knowledge weight "
+          f"{scenario.model_layers} x {scenario.model_width} (at most {scenario.model_epochs} epochs), lam {scenario.settings.memit.lam}, targets {scenario.settings.memit.v_num_grad_steps} steps / clamp "
+          f"{scenario.settings.memit.clamp_norm_factor} / stop {scenario.settings.memit.loss_stop}, knowledge weight "
           f"{scenario.knowledge_weight}, {scenario.editor_mode} MEMIT, dynamic beta0={scenario.beta0} beta1={scenario.beta1}", flush=True)
 
     checkpoint_root = None if args.no_checkpoint else Path(tempfile.mkdtemp(prefix="fedke-forgetting-"))

@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
                         help="round counts t: one batch of the requests of rounds 1..t each")
     parser.add_argument("--knowledge-weights", type=float, nargs="+", default=[0.0])
     parser.add_argument("--lams", type=float, nargs="+", default=None, help="MEMIT lams (default: the preset's)")
-    parser.add_argument("--preset", default="default")
+    parser.add_argument("--preset", default="world")
     parser.add_argument("--subjects", type=int, default=None, help="world subjects (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=200, help="requests per target optimisation")
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     everything = [case for r in range(1, at[-1] + 1) for case in by_round[r]]
     print(f"one-shot: {len(everything)} requests of rounds 1..{at[-1]} ({scenario.num_clients} x "
           f"{scenario.edits_per_client} per round), world {scenario.world_subjects} x {scenario.world_relations}, "
-          f"model {scenario.model_layers} x {scenario.model_width}, lam {scenario.lam}", flush=True)
+          f"model {scenario.model_layers} x {scenario.model_width}, lam {scenario.settings.memit.lam}", flush=True)
 
     started = time.perf_counter()
     base_editor = bed.editor(**scenario.memit_overrides())
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     print(f"targets of {len(everything)} requests: {target_seconds:.0f} s", flush=True)
 
     runs = []
-    settings = [(lam, weight) for lam in (args.lams or [scenario.lam]) for weight in args.knowledge_weights]
+    settings = [(lam, weight) for lam in (args.lams or [scenario.settings.memit.lam]) for weight in args.knowledge_weights]
     for lam, weight in settings:
         editor = bed.editor(progress=True, **{**scenario.memit_overrides(), "lam": lam, "knowledge_weight": weight})
         for t in at:
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
     print_table(rows, ["lam", "alpha", "rounds", "n_edits", "set", *TABLE5],
                 "One Global-Edit of every request of rounds 1..t (x100), and dynamic C's run after round t")
     result = {"config": {key: value for key, value in vars(args).items() if key not in ("out", "quick", "compare")}
-              | {"target_seconds": target_seconds, "preset_lam": scenario.lam},
+              | {"target_seconds": target_seconds, "preset_lam": scenario.settings.memit.lam},
               "runs": runs, "dynamic": dynamic}
     write_json(args.out, result)
     return result

@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
         args.edits, args.clients, args.rounds = min(args.edits, 20), min(args.clients, 3), min(args.rounds, 4)
         args.others, args.overlap = min(args.others, 4), min(args.overlap, 4)
     else:
-        scenario = Scenario(num_rounds=1, num_clients=args.clients, edits_per_client=args.others)
+        scenario = Scenario(model="world", num_rounds=1, num_clients=args.clients, edits_per_client=args.others)
     scenario = replace(scenario, strategy="collabedit")
     bed = testbed_for(scenario, progress=True)
 
@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
                    "layers": list(args.layers) if args.layers else list(bed.memit_config.layers),
                    "residual_split": args.residual_split or bed.memit_config.residual_split,
                    "others": args.others, "overlap": args.overlap, "threshold": threshold, "quick": args.quick,
-                   "world": bed.world.config.__dict__, "lam": scenario.lam, "seed": args.seed},
+                   "world": bed.world.config.__dict__, "lam": scenario.settings.memit.lam, "seed": args.seed},
         "seconds": time.perf_counter() - started,
         "peak_rss_mb": peak_rss_mb(),
     }

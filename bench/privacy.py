@@ -66,7 +66,7 @@ def bench_secagg(quick: bool) -> dict:
     if quick:
         scenario = Scenario.from_preset("tiny", num_rounds=1, num_clients=5)
     else:
-        scenario = Scenario(num_clients=5, edits_per_client=50, num_rounds=1)
+        scenario = Scenario(model="world", num_clients=5, edits_per_client=50, num_rounds=1)
     log(f"secagg: {scenario.num_clients} clients x {scenario.edits_per_client} edits")
     result = compare_secagg(scenario)
     strategy = result.strategy
@@ -272,7 +272,7 @@ def bench_kkt_inversion(quick: bool) -> dict:
     from fedke.simulations.runtime import testbed_for
     from fedke.simulations.scenario import Scenario
 
-    scenario = Scenario.from_preset("tiny") if quick else Scenario()
+    scenario = Scenario.from_preset("tiny") if quick else Scenario.from_preset("world")
     bed = testbed_for(scenario, progress=True)
     editor = bed.editor(**scenario.memit_overrides())
     log(f"kkt inversion: world of {len(bed.world.subjects)} subjects")

@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     rows = [{"method": name, **values} for name, values in methods.items()]
     collab_name = "layer-wise CollabEdit (Flower strategy)" if layerwise else "CollabEdit"
     print_table(rows, ["method", *METRICS], f"Table 1 on the world: {scenario.num_clients} clients x "
-                f"{scenario.edits_per_client} edits, {args.mode} MEMIT, lambda {scenario.lam:g}"
+                f"{scenario.edits_per_client} edits, {args.mode} MEMIT, lambda {scenario.settings.memit.lam:g}"
                 + (f"; CollabEdit = {collab_name}" if layerwise else ""))
     global_score = methods["GlobalEdit"]
     print(f"\n{collab_name} vs Global-Edit merged update: relative Frobenius error {error:.3g} with float64 "

@@ -1,8 +1,8 @@
 """What a simulation process loads once and reuses across rounds and clients.
 
 Flower's simulation engine runs many ``client_fn`` calls in one worker process (a Ray actor);
-loading the world model for each would dominate the run. The caches here hold the *read-only*
-testbed (model, tokenizer, covariance statistics) per process. Clients never change the cached
+loading the model for each would dominate the run. The caches here hold the *read-only*
+testbed (model, tokenizer, facts, covariance statistics) per process. Clients never change the cached
 model for longer than one call: they apply the global update, edit or evaluate, and restore
 the weights bit for bit (:func:`fedke.editing.applied_update`), so no client sees another's
 state. Editors, strategies and clients themselves hold no module-level state.
@@ -18,7 +18,8 @@ from fedke.data.records import EditCase
 from fedke.editing.weights import applied_update
 from fedke.eval import evaluate_cases
 from fedke.data.world import WorldConfig
-from fedke.testbed import Testbed, load_testbed
+from fedke.editing.hparams import EditingSettings
+from fedke.testbed import Testbed, load_real_testbed, load_testbed
 from fedke.worldmodel import WorldModelConfig
 
 from .scenario import Scenario, deal_cases
@@ -36,12 +37,20 @@ def _cached_testbed(world_config: WorldConfig, model_config: WorldModelConfig, c
                         progress=_show_progress.get())
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_real_testbed(model: str, settings: EditingSettings, dataset: str, cache_dir: str | None) -> Testbed:
+    return load_real_testbed(model, settings=settings, dataset=dataset or None,
+                             cache_dir=Path(cache_dir) if cache_dir else None, progress=_show_progress.get())
+
+
 def testbed_for(scenario: Scenario, *, progress: bool = False) -> Testbed:
-    """The scenario's world model and statistics, loaded once per process (``progress``: show
-    progress bars if this call is the one that loads or builds it)."""
+    """The scenario's model, facts and statistics, loaded once per process (``progress``: show
+    progress bars if this call is the one that loads, fetches or builds it)."""
     token = _show_progress.set(progress)
     try:
-        return _cached_testbed(scenario.world_config(), scenario.model_config(), scenario.cache_dir or None)
+        if scenario.is_world:
+            return _cached_testbed(scenario.world_config(), scenario.model_config(), scenario.cache_dir or None)
+        return _cached_real_testbed(scenario.model, scenario.settings, scenario.dataset, scenario.cache_dir or None)
     finally:
         _show_progress.reset(token)
 

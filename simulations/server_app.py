@@ -64,7 +64,7 @@ def _secagg_strategy(scenario: Scenario, bed, specs, kwargs):
 
     weights = {spec.name: weight_matrix(get_module(bed.model, spec.name)).detach().double().cpu().numpy()
                for spec in specs}
-    bounds = default_bounds(kwargs["regularisers"], weights, lam=scenario.lam,
+    bounds = default_bounds(kwargs["regularisers"], weights, lam=scenario.settings.memit.lam,
                             max_edits=scenario.edits_per_client + scenario.conflict_pairs, clip=scenario.secagg_clip)
     return CollabEditSecAgg(bounds=bounds, max_clients=scenario.num_clients, **kwargs)
 

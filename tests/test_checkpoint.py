@@ -280,7 +280,7 @@ def test_bytes_written_per_round_do_not_grow_with_the_round(tmp_path, monkeypatc
 
     monkeypatch.setattr(ckpt, "atomic_write_bytes", counting_write)
     rounds = 30
-    scenario = replace(Scenario(), num_rounds=rounds, num_clients=2, edits_per_client=1)
+    scenario = replace(Scenario(model="world"), num_rounds=rounds, num_clients=2, edits_per_client=1)
     strategy, rows, appended = FakeState(), [], []
     for server_round in range(1, rounds + 1):
         strategy.merge(server_round)
@@ -304,7 +304,7 @@ def test_bytes_written_per_round_do_not_grow_with_the_round(tmp_path, monkeypatc
 
 
 def test_a_torn_or_uncommitted_log_tail_is_ignored_then_cut(tmp_path):
-    scenario = replace(Scenario(), num_rounds=5)
+    scenario = replace(Scenario(model="world"), num_rounds=5)
     strategy, rows = FakeState(), []
     for server_round in (1, 2):
         strategy.merge(server_round)
@@ -423,7 +423,7 @@ def test_the_flower_loop_saves_once_per_round_after_its_last_step(tmp_path, monk
         return real_save(directory, scenario, strategy, server_round, rows, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", counting_save)
-    scenario = replace(Scenario(), num_rounds=5, checkpoint_dir=str(tmp_path / "ckpt"))
+    scenario = replace(Scenario(model="world"), num_rounds=5, checkpoint_dir=str(tmp_path / "ckpt"))
     expected_sets = ["federated", "merge", "old"] if federated else ["merge", "old"]
 
     def serve(run: Scenario, rounds: int, done: int = 0):
@@ -452,7 +452,7 @@ def test_the_flower_loop_saves_once_per_round_after_its_last_step(tmp_path, monk
 
 
 def test_fingerprint_ignores_where_things_go_and_nothing_else():
-    base = Scenario()
+    base = Scenario(model="world")
     assert run_fingerprint(base) == run_fingerprint(replace(base, output_dir="x", cache_dir="y",
                                                             checkpoint_dir="z", resume=True))
     for change in ({"seed": 1}, {"beta1": 2.0}, {"num_rounds": 2}, {"covariance": "dynamic"}, {"lam": 1.0}):

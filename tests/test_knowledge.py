@@ -58,7 +58,7 @@ def test_protected_edit_solves_with_the_larger_regulariser(tiny_bed):
 
 def test_knowledge_grams_are_cached_on_disk(tiny_bed):
     first = tiny_bed.knowledge_grams()
-    fresh = fedke.testbed.Testbed(tiny_bed.world_model, tiny_bed.covariances, tiny_bed.memit_config, tiny_bed.cache_dir)
+    fresh = replace(tiny_bed)
     again = fresh.knowledge_grams()
     assert set(again) == set(first)
     for name in first:
@@ -89,7 +89,7 @@ def test_scenario_key():
     assert scenario.knowledge_weight == 0.01
     assert scenario.memit_overrides()["knowledge_weight"] == 0.01
     with pytest.raises(ValueError, match="knowledge-weight"):
-        Scenario(knowledge_weight=-0.5)
+        Scenario(model="world", knowledge_weight=-0.5)
 
 
 def test_the_server_merges_with_the_protected_regulariser(cache_dir, tiny_bed):

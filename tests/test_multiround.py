@@ -22,22 +22,22 @@ def forgetting(cache_dir, tmp_path_factory):
 # ---------------------------------------------------------------------- scenario keys and dealing
 def test_forgetting_keys_are_validated():
     with pytest.raises(ValueError, match="needs strategy collabedit or global"):
-        Scenario(strategy="fedavg", covariance="dynamic")
+        Scenario(model="world", strategy="fedavg", covariance="dynamic")
     with pytest.raises(ValueError, match="covariance must be"):
-        Scenario(covariance="adaptive")
+        Scenario(model="world", covariance="adaptive")
     with pytest.raises(ValueError, match="old-relations must be in 1..world-relations - 1"):
-        Scenario(forgetting=True, old_relations=5)
+        Scenario(model="world", forgetting=True, old_relations=5)
     with pytest.raises(ValueError, match="beta0 must be > 0"):
-        Scenario(covariance="dynamic", beta0=0.0)
+        Scenario(model="world", covariance="dynamic", beta0=0.0)
     with pytest.raises(ValueError, match="resume = true needs checkpoint-dir"):
-        Scenario(resume=True)
+        Scenario(model="world", resume=True)
     with pytest.raises(ValueError, match="unrelated to the old set"):
-        Scenario(forgetting=True, world_subjects=120, world_relations=3, num_clients=10, edits_per_client=2,
+        Scenario(model="world", forgetting=True, world_subjects=120, world_relations=3, num_clients=10, edits_per_client=2,
                  num_rounds=20)
-    config = Scenario(forgetting=True, covariance="dynamic", beta0=2.0, beta1=3.0).to_run_config()
+    config = Scenario(model="world", forgetting=True, covariance="dynamic", beta0=2.0, beta1=3.0).to_run_config()
     scenario = Scenario.from_run_config(config)
     assert scenario.dynamic_covariance == (2.0, 3.0) and scenario.strategy_kwargs() == {"dynamic_covariance": (2.0, 3.0)}
-    assert Scenario(strategy="global", covariance="dynamic").strategy_kwargs() == {"dynamic_covariance": (1.0, 1.0)}
+    assert Scenario(model="world", strategy="global", covariance="dynamic").strategy_kwargs() == {"dynamic_covariance": (1.0, 1.0)}
     assert Scenario().dynamic_covariance is None
 
 
@@ -194,7 +194,8 @@ def test_forgetting_benchmark_settings_reach_the_scenario(load_bench):
     assert (default.model_width, default.model_epochs) == (64, 40)  # the tiny preset's
     wide = module.scenario_from_args(module.parse_args(["--model-width", "256", "--model-epochs", "80"]))
     assert (wide.model_width, wide.model_epochs, wide.world_subjects) == (256, 80, 1000)
-    assert (wide.target_steps, wide.target_clamp, wide.target_loss_stop) == (25, 0.75, 5e-2)
+    memit = wide.settings.memit  # left to the world's settings file: the reference's targets
+    assert (memit.v_num_grad_steps, memit.clamp_norm_factor, memit.loss_stop) == (25, 0.75, 5e-2)
     strong = module.scenario_from_args(module.parse_args(
         ["--target-steps", "60", "--target-clamp", "4", "--target-loss-stop", "5e-4"]))
     assert (strong.target_steps, strong.target_clamp, strong.target_loss_stop) == (60, 4.0, 5e-4)

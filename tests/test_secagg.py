@@ -253,9 +253,9 @@ def test_scenario_refuses_secure_aggregation_without_collabedit():
     from fedke.simulations.scenario import Scenario
 
     with pytest.raises(ValueError, match="secure-aggregation"):
-        Scenario(strategy="fedavg", secure_aggregation=True)
+        Scenario(model="world", strategy="fedavg", secure_aggregation=True)
     with pytest.raises(ValueError, match="secure-aggregation"):
-        Scenario(num_clients=1, secure_aggregation=True)
+        Scenario(model="world", num_clients=1, secure_aggregation=True)
 
 
 # ----------------------------------------------------------------------------- the world

@@ -31,17 +31,17 @@ def test_scenario_from_run_config_and_errors():
     with pytest.raises(ValueError, match="unknown run-config key 'num-client'"):
         Scenario.from_run_config({"num-client": 4})
     with pytest.raises(ValueError, match="strategy must be one of"):
-        Scenario(strategy="median")
+        Scenario(model="world", strategy="median")
     with pytest.raises(ValueError, match="pairs"):
-        Scenario(num_clients=50, edits_per_client=50, world_subjects=100, world_relations=2)
+        Scenario(model="world", num_clients=50, edits_per_client=50, world_subjects=100, world_relations=2)
     with pytest.raises(ValueError, match="no preset"):
         Scenario.from_preset("no-such-preset")
     with pytest.raises(ValueError, match="model-epochs must be at least 1, got 0"):
-        Scenario(model_epochs=0)
+        Scenario(model="world", model_epochs=0)
     # the world model's training budget is part of its config (and so of its cache key); the default
     # leaves WorldModelConfig, and every cached model, as it was
-    assert Scenario().model_config() == WorldModelConfig(n_layer=4, n_embd=128, n_head=4)
-    assert Scenario(model_width=256, model_epochs=80).model_config().max_epochs == 80
+    assert Scenario(model="world").model_config() == WorldModelConfig(n_layer=4, n_embd=128, n_head=4)
+    assert Scenario(model="world", model_width=256, model_epochs=80).model_config().max_epochs == 80
     # MEMIT's target optimisation: the defaults are the reference's (MemitConfig's), and the keys
     # reach the editor's config (a confident wide world model needs fedke.testbed.STRONG_TARGETS)
     from dataclasses import replace
@@ -56,9 +56,20 @@ def test_scenario_from_run_config_and_errors():
     strong = Scenario.from_run_config({"target-steps": 60, "target-clamp": 4.0, "target-loss-stop": 5e-4})
     assert target_settings(replace(MemitConfig(), **strong.memit_overrides())) == target_settings(
         replace(MemitConfig(), **STRONG_TARGETS))
-    for key, value in (("target-steps", 0), ("target-clamp", 0.0), ("target-loss-stop", -1.0)):
+    for key, value in (("target-steps", -1), ("target-clamp", -0.5), ("target-loss-stop", -1.0), ("lam", -3.0)):
         with pytest.raises(ValueError, match=f"{key} must be"):
             Scenario.from_run_config({key: value})
+    # 0 / "auto" take the model's settings file: SmolLM2's for the default, the world's for model = world
+    assert Scenario().memit_overrides()["lam"] == 3000.0 and Scenario().memit_overrides()["fact_token"] == "subject_last"
+    world = Scenario(model="world").memit_overrides()
+    assert (world["lam"], world["fact_token"]) == (300.0, "last")
+    assert Scenario(model="world", lam=30.0).memit_overrides()["lam"] == 30.0
+    with pytest.raises(ValueError, match="fact-token must be"):
+        Scenario(fact_token="first")
+    with pytest.raises(ValueError, match="no editing settings 'nope.json'"):
+        Scenario(hparams="nope.json")
+    with pytest.raises(ValueError, match="dataset needs a real model"):
+        Scenario(model="world", dataset="x.json")
 
 
 def test_pyproject_defaults_are_the_scenario_defaults():

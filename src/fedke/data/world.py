@@ -186,6 +186,10 @@ class World:
                 index.setdefault((relation.relation_id, self.facts[subject, relation.relation_id]), []).append(subject)
         return index
 
+    def fact_pairs(self) -> list[tuple[str, str]]:
+        """Every (subject, relation id) of the world (every subject holds every relation)."""
+        return [(s, r.relation_id) for s in self.subjects for r in self.relations]
+
     def fact_list(self) -> list[Fact]:
         return [Fact(s, r.relation_id, self.facts[s, r.relation_id]) for s in self.subjects for r in self.relations]
 
