@@ -166,7 +166,7 @@ def load_real_testbed(model: str = "smollm2", *, settings: EditingSettings | str
     timings["covariance"] = time.perf_counter() - started
     info = {"model": model, "model_dir": str(directory), "model_fingerprint": fingerprint,
             "settings": settings.source, "facts": getattr(facts, "name", ""), "n_facts_held": len(facts),
-            "covariance_text": text, "covariance_tokens": tokens}
+            "covariance_text": text, "covariance_tokens": tokens, "timings": dict(timings)}
     return Testbed(hf_model, tokenizer, facts, covariances, memit_config,
                    Path(cache_dir) if cache_dir is not None else None, info=info)
 

@@ -42,9 +42,15 @@ def model_passages(model, tokenizer, max_tokens: int, *, length: int = 128, batc
     """``max_tokens`` tokens sampled from ``model`` in passages of ``length`` (top-k, seeded generator)."""
     from tqdm.auto import tqdm
 
+    import inspect
+
     generator = torch.Generator(device="cpu").manual_seed(seed)
     device = next(model.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    length = min(length, positions - 1) if positions else length
+    # transformers 5 renames the KV-cache argument ``past_key_values`` to ``cache``
+    cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     passages: list[str] = []
     n_batches = -(-max_tokens // (length * batch_size))
     for _ in tqdm(range(n_batches), desc="sampling text", unit="batch", disable=not progress):
@@ -52,8 +58,8 @@ def model_passages(model, tokenizer, max_tokens: int, *, length: int = 128, batc
         past = None
         step_input = ids
         for _ in range(length):
-            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step_input, use_cache=True, **{cache_key: past})
+            past = getattr(out, "cache", None) or out.past_key_values
             top = out.logits[:, -1].float().cpu().topk(top_k, dim=-1)
             choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
             step_input = top.indices.gather(1, choice).to(device)
