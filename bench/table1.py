@@ -1,11 +1,13 @@
-"""The CollabEdit paper's Table 1 on the embedded world: the same edits through every method.
+"""The CollabEdit paper's Table 1: the same edits through every method, on the world or a real model.
 
     python bench/table1.py --clients 10 --edits-per-client 50 --mode decoupled --out table1.json [--quick]
+    python bench/table1.py --model smollm2 --clients 10 --edits-per-client 50 --mode decoupled --out F
 
 Each client edits its requests once; the same payloads are merged by CollabEdit, FedAvg,
 TaskArithmetic and TIES; Global-Edit edits all requests in one call. Writes
-{"methods": {name: {ES, PS, NS, Score, EA, PA, NA, AccScore}}, "collab_vs_global_rel_error",
-"config", "seconds"}.
+{"methods": {name: {ES, PS, NS, Score, EA, PA, NA, AccScore}}, "model", "n_facts_held" (the facts the
+model's edit-case source holds), "rel_error_collab_vs_global" (on the wire dtype of the table's
+CollabEdit row, float32 by default), "collab_vs_global_rel_error" (float64 payloads), "config", "seconds"}.
 
 With ``--mode sequential`` CollabEdit is layer-wise CollabEdit through its Flower strategy and the
 same clients (:class:`fedke.strategies.LayerwiseCollabEdit`, one server round per edited layer;
@@ -34,7 +36,7 @@ from flwr.common import parameters_to_ndarrays  # noqa: E402
 from fedke.codec import decode_payload, encode_payload  # noqa: E402
 from fedke.simulations.client_app import make_client  # noqa: E402
 from fedke.simulations.inprocess import ONE_SHOT_LABEL, compare_methods, fit_result, layerwise_collab  # noqa: E402
-from fedke.simulations.runtime import dealt_cases_for, evaluate_update  # noqa: E402
+from fedke.simulations.runtime import dealt_cases_for, evaluate_update, testbed_for  # noqa: E402
 from fedke.simulations.server_app import build_strategy  # noqa: E402
 from fedke.simulations.scenario import Scenario  # noqa: E402
 
@@ -85,17 +87,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wire-dtype", choices=["float32", "float64"], default="float32",
                         help="payload precision on the wire for the table (the error is reported for both)")
+    parser.add_argument("--model", default="world",
+                        help="world (the synthetic world's GPT-2) or smollm2 (the real model; its real-fact set)")
+    parser.add_argument("--model-path", default="", help="a real model from a local path (with --model smollm2)")
+    parser.add_argument("--cache-dir", default="")
     parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true", help="tiny world, 3 clients x 4 edits")
     args = parser.parse_args(argv)
     overrides = dict(editor_mode=args.mode, wire_dtype="float64", ta_lambda=args.ta_lambda, ties_k=args.ties_k,
-                     ties_lambda=args.ties_lambda, seed=args.seed, passes=args.passes, output_dir="fedke-results/table1")
+                     ties_lambda=args.ties_lambda, seed=args.seed, passes=args.passes, output_dir="fedke-results/table1",
+                     cache_dir=args.cache_dir)
     if args.lam is not None:
         overrides["lam"] = args.lam
     if args.quick:
         scenario = Scenario.from_preset("tiny", num_rounds=1, **overrides)
     else:
-        scenario = Scenario(num_clients=args.clients, edits_per_client=args.edits_per_client, **overrides)
+        scenario = Scenario(model=args.model, model_path=args.model_path, num_clients=args.clients,
+                            edits_per_client=args.edits_per_client, **overrides)
     started = time.perf_counter()
     comparison = compare_methods(scenario)
     seconds = time.perf_counter() - started
@@ -117,7 +125,9 @@ def main(argv=None) -> dict:
     methods = {name: {m: float(summary.loc[name, m]) for m in METRICS} for name in order if name in summary.index}
     rows = [{"method": name, **values} for name, values in methods.items()]
     collab_name = "layer-wise CollabEdit (Flower strategy)" if layerwise else "CollabEdit"
-    print_table(rows, ["method", *METRICS], f"Table 1 on the world: {scenario.num_clients} clients x "
+    bed = testbed_for(scenario)
+    model_name = scenario.model_path or scenario.model
+    print_table(rows, ["method", *METRICS], f"Table 1 on {model_name}: {scenario.num_clients} clients x "
                 f"{scenario.edits_per_client} edits, {args.mode} MEMIT, lambda {scenario.settings.memit.lam:g}"
                 + (f"; CollabEdit = {collab_name}" if layerwise else ""))
     global_score = methods["GlobalEdit"]
@@ -131,7 +141,10 @@ def main(argv=None) -> dict:
     for name in (["CollabEdit", ONE_SHOT_LABEL] if layerwise else []) + ["FedAvg", "TaskArithmetic", "TIES"]:
         gap = (global_score["Score"] - methods[name]["Score"], global_score["AccScore"] - methods[name]["AccScore"])
         print(f"{name:22s} below Global-Edit by {gap[0]:6.1f} Score, {gap[1]:6.1f} AccScore")
-    result = {"methods": methods, "collab_vs_global_rel_error": error,
+    n_facts = len(bed.facts.fact_pairs())
+    result = {"methods": methods, "model": model_name, "n_facts_held": n_facts,
+              "rel_error_collab_vs_global": error_f32 if args.wire_dtype == "float32" else error,
+              "collab_vs_global_rel_error": error,
               "collab_vs_global_rel_error_float32_wire": error_f32, "wire_dtype": args.wire_dtype,
               "config": scenario.to_run_config(), "seconds": {**comparison.seconds, "total": seconds},
               "peak_rss_mb": peak_rss_mb()}

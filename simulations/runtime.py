@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 from fedke.data.records import EditCase
@@ -38,7 +39,12 @@ def _cached_testbed(world_config: WorldConfig, model_config: WorldModelConfig, c
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_real_testbed(model: str, settings: EditingSettings, dataset: str, cache_dir: str | None) -> Testbed:
+def _cached_real_testbed(model: str, settings_name: str, covariance: tuple[str, int], dataset: str,
+                         cache_dir: str | None) -> Testbed:
+    """Keyed by what the testbed depends on (not by lam or the target settings, which each editor
+    applies on top: a sweep over them keeps one model in memory)."""
+    settings = replace(EditingSettings.load(settings_name), covariance_text=covariance[0],
+                       covariance_tokens=covariance[1])
     return load_real_testbed(model, settings=settings, dataset=dataset or None,
                              cache_dir=Path(cache_dir) if cache_dir else None, progress=_show_progress.get())
 
@@ -50,7 +56,9 @@ def testbed_for(scenario: Scenario, *, progress: bool = False) -> Testbed:
     try:
         if scenario.is_world:
             return _cached_testbed(scenario.world_config(), scenario.model_config(), scenario.cache_dir or None)
-        return _cached_real_testbed(scenario.model, scenario.settings, scenario.dataset, scenario.cache_dir or None)
+        covariance = (scenario.settings.covariance_text, scenario.settings.covariance_tokens)
+        return _cached_real_testbed(scenario.model_path or scenario.model, scenario.settings_name, covariance,
+                                    scenario.dataset, scenario.cache_dir or None)
     finally:
         _show_progress.reset(token)
 

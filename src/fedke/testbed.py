@@ -133,7 +133,7 @@ def load_real_testbed(model: str = "smollm2", *, settings: EditingSettings | str
     import time
 
     from fedke.data.corpus import covariance_passages, source_key
-    from fedke.data.realfacts import real_fact_set
+    from fedke.data.realfacts import fact_set_dir, load_fact_table, probe_report, real_fact_set
     from fedke.models import PACKAGED_MODELS, load_causal_lm, resolve_model
 
     timings = {} if timings is None else timings
@@ -142,15 +142,19 @@ def load_real_testbed(model: str = "smollm2", *, settings: EditingSettings | str
     hf_model, tokenizer = load_causal_lm(directory, device=device)
     timings["load"] = time.perf_counter() - started
     if not isinstance(settings, EditingSettings):
-        settings = EditingSettings.load(settings or (model if model in PACKAGED_MODELS else "real-default"))
+        settings = EditingSettings.load(settings or (model if model in PACKAGED_MODELS else
+                                                     next((m.name for m in PACKAGED_MODELS.values()
+                                                           if m.matches_wheel(Path(model))), "real-default")))
     fingerprint = model_fingerprint(hf_model)
 
     started = time.perf_counter()
+    probe = None
     if dataset:
         facts = dataset_fact_set(dataset, seed=seed)
     else:
         facts = real_fact_set(hf_model, tokenizer, seed=seed, cache_dir=cache_dir, progress=progress,
                               model_fingerprint=fingerprint)
+        probe = probe_report(fact_set_dir(fingerprint, load_fact_table(), seed=seed, cache_dir=cache_dir))
     timings["probe"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -166,7 +170,8 @@ def load_real_testbed(model: str = "smollm2", *, settings: EditingSettings | str
     timings["covariance"] = time.perf_counter() - started
     info = {"model": model, "model_dir": str(directory), "model_fingerprint": fingerprint,
             "settings": settings.source, "facts": getattr(facts, "name", ""), "n_facts_held": len(facts),
-            "covariance_text": text, "covariance_tokens": tokens, "timings": dict(timings)}
+            "covariance_text": text, "covariance_tokens": tokens, "timings": dict(timings),
+            "held_per_relation": probe["relations"] if probe else None}
     return Testbed(hf_model, tokenizer, facts, covariances, memit_config,
                    Path(cache_dir) if cache_dir is not None else None, info=info)
 

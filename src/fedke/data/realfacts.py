@@ -17,7 +17,8 @@ probe report are cached under the model's fingerprint and load through the Count
 Ranking exactly without scoring every candidate: one forward pass of ``prompt + true object`` gives
 the true object's score and the log-probabilities of every candidate's *first* token. A candidate of
 ``n`` tokens scores at most ``lp(first) / n`` (the other terms are <= 0), so only candidates whose
-bound reaches the true object's score are scored in full; single-token candidates are exact already.
+bound reaches the true object's score are scored in full (best bound first, until one beats the truth);
+single-token candidates are exact already.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class ProbedFact:
     subject: str
     true_object: str
     score: float            # the true object's mean token log-probability after the main template
-    rival: str              # the best other object
+    rival: str              # the best other object found (held: the best of all; else one that beats the truth)
     rival_score: float
 
     @property
@@ -137,8 +138,12 @@ class ProbedFact:
 
 
 @torch.inference_mode()
-def probe_relation(model, tokenizer, relation: FactRelation, *, batch_size: int = 64) -> list[ProbedFact]:
-    """Rank every object of ``relation`` for each subject (exact; see the module docstring)."""
+def probe_relation(model, tokenizer, relation: FactRelation, *, batch_size: int = 64,
+                   per_round: int = 4) -> list[ProbedFact]:
+    """Whether the true object ranks first among ``relation``'s objects, for each subject (exact; see the
+    module docstring). ``rival`` is the best rival found: the best of all for a held fact, one that beats
+    the truth otherwise (multi-token rivals are scored best bound first, ``per_round`` at a time, until
+    one beats the truth or none can)."""
     from fedke.eval import _collate, _pad_id, encode_prompt, encode_target, model_device, score_prompt_targets
 
     device = model_device(model)
@@ -157,31 +162,42 @@ def probe_relation(model, tokenizer, relation: FactRelation, *, batch_size: int 
             rows = range(start, min(start + batch_size, len(prompts)))
             sequences = [(encode_prompt(tokenizer, prompts[i]), object_ids[index_of[relation.facts[i][1]]]) for i in rows]
             input_ids, attention, target_mask = _collate(sequences, _pad_id(tokenizer), device)
-            log_probs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.double(), dim=-1)
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
             for row, i in enumerate(rows):
                 n_prompt, n_target = len(sequences[row][0]), len(sequences[row][1])
-                positions = torch.arange(n_prompt - 1, n_prompt - 1 + n_target, device=device)
+                # only the positions that predict the object's tokens, in float64
+                log_probs = torch.log_softmax(logits[row, n_prompt - 1:n_prompt - 1 + n_target].double(), dim=-1)
                 targets = input_ids[row, n_prompt:n_prompt + n_target]
-                true_scores[i] = float(log_probs[row, positions, targets].mean())
-                bounds[i] = (log_probs[row, n_prompt - 1, first].cpu() / lengths).numpy()
+                true_scores[i] = float(log_probs[torch.arange(n_target, device=device), targets].mean())
+                bounds[i] = (log_probs[0, first].cpu() / lengths).numpy()
     finally:
         model.train(was_training)
-    # exact scores: single-token objects are exact already; longer ones only where the bound reaches
+    # exact scores: single-token objects are exact already; longer ones are scored in full only while
+    # one might still beat the truth, best bound first, a few per fact and round
     scores = np.where(lengths.numpy()[None, :] == 1, bounds, -np.inf)
-    need = [(i, j) for i in range(len(prompts)) for j in range(len(objects))
-            if lengths[j] > 1 and bounds[i, j] >= true_scores[i] and objects[j] != relation.facts[i][1]]
-    if need:
-        exact = score_prompt_targets(model, tokenizer, [prompts[i] for i, _ in need], [objects[j] for _, j in need],
+    truth = np.array([index_of[obj] for _, obj in relation.facts])
+    scores[np.arange(len(prompts)), truth] = -np.inf
+    queue = {}
+    for i in range(len(prompts)):
+        if scores[i].max() > true_scores[i]:
+            continue  # a single-token rival already beats the truth: not held
+        order = [j for j in np.argsort(-bounds[i]) if lengths[j] > 1 and j != truth[i] and bounds[i, j] >= true_scores[i]]
+        if order:
+            queue[i] = order
+    while queue:
+        batch = [(i, j) for i, order in queue.items() for j in order[:per_round]]
+        exact = score_prompt_targets(model, tokenizer, [prompts[i] for i, _ in batch], [objects[j] for _, j in batch],
                                      batch_size=batch_size)
-        for (i, j), nll in zip(need, exact.mean_nll.tolist()):
+        for (i, j), nll in zip(batch, exact.mean_nll.tolist()):
             scores[i, j] = -nll
+        queue = {i: order[per_round:] for i, order in queue.items()
+                 if order[per_round:] and scores[i].max() <= true_scores[i]}
     probed = []
     for i, (subject, true_object) in enumerate(relation.facts):
-        rivals = scores[i].copy()
-        rivals[index_of[true_object]] = -np.inf
-        best = int(np.argmax(rivals)) if len(objects) > 1 else 0
+        best = int(np.argmax(scores[i]))
+        found = bool(np.isfinite(scores[i, best]))  # no rival scored: none could reach the truth
         probed.append(ProbedFact(relation.relation_id, subject, true_object, float(true_scores[i]),
-                                 objects[best] if len(objects) > 1 else "", float(rivals[best])))
+                                 objects[best] if found else "", float(scores[i, best]) if found else float("-inf")))
     return probed
 
 
@@ -262,8 +278,7 @@ def real_fact_set(model, tokenizer, *, table: FactTable | None = None, seed: int
 
     table = table or load_fact_table()
     fingerprint = model_fingerprint or fingerprint_of(model)
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    directory = root / "realfacts" / fingerprint / f"{table.digest}-seed{seed}"
+    directory = fact_set_dir(fingerprint, table, seed=seed, cache_dir=cache_dir)
     if not (directory / "counterfact.json").exists():
         probed = probe_table(model, tokenizer, table, progress=progress)
         held = [fact for fact in probed if fact.held]
@@ -277,6 +292,13 @@ def real_fact_set(model, tokenizer, *, table: FactTable | None = None, seed: int
             (tmp / "probe.json").write_text(json.dumps(report, indent=1))
         log.info("real-fact set: the model holds %d of %d facts", len(held), len(probed))
     return fact_set_from_file(directory / "counterfact.json", table=table, seed=seed, name="realfacts")
+
+
+def fact_set_dir(model_fingerprint: str, table: FactTable, *, seed: int = 0,
+                 cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`real_fact_set` caches a model's fact set (``counterfact.json``, ``probe.json``)."""
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return root / "realfacts" / model_fingerprint / f"{table.digest}-seed{seed}"
 
 
 def _as_cases(records: Sequence[Mapping[str, Any]]) -> list[EditCase]:
