@@ -26,7 +26,7 @@ Every key of the run config has a field here (hyphens become underscores)::
     editor-mode = "decoupled"    # decoupled | sequential
     layerwise = "auto"           # auto | true | false: layer-wise CollabEdit (one edited layer per server round)
     fact-token = "auto"          # auto (the settings file's: subject_last for real models, last for the world) | last | subject_last
-    lam = 0.0                    # MEMIT's mom2_update_weight; 0 = the settings file's (SmolLM2 3000, world 300)
+    lam = 0.0                    # MEMIT's mom2_update_weight; 0 = the settings file's (SmolLM2 10000, world 300)
     knowledge-weight = 0.0       # alpha: A0 = lam C0 + alpha K0 K0^T over the keys of every fact the world model
                                  # knows (MemitConfig.knowledge_weight; 0 = MEMIT's C0 over text alone)
     passes = 1                   # MEMIT passes with the targets fixed (MemitConfig.passes; 1 = MEMIT)

@@ -60,7 +60,11 @@ def test_scenario_from_run_config_and_errors():
         with pytest.raises(ValueError, match=f"{key} must be"):
             Scenario.from_run_config({key: value})
     # 0 / "auto" take the model's settings file: SmolLM2's for the default, the world's for model = world
-    assert Scenario().memit_overrides()["lam"] == 3000.0 and Scenario().memit_overrides()["fact_token"] == "subject_last"
+    from fedke.editing.hparams import EditingSettings
+
+    smollm2 = EditingSettings.load("smollm2").memit
+    assert Scenario().memit_overrides()["lam"] == smollm2.lam and smollm2.fact_token == "subject_last"
+    assert Scenario().memit_overrides()["fact_token"] == "subject_last"
     world = Scenario(model="world").memit_overrides()
     assert (world["lam"], world["fact_token"]) == (300.0, "last")
     assert Scenario(model="world", lam=30.0).memit_overrides()["lam"] == 30.0
