@@ -152,9 +152,10 @@ def load_real_testbed(model: str = "smollm2", *, settings: EditingSettings | str
     if dataset:
         facts = dataset_fact_set(dataset, seed=seed)
     else:
-        facts = real_fact_set(hf_model, tokenizer, seed=seed, cache_dir=cache_dir, progress=progress,
+        table = load_fact_table()
+        facts = real_fact_set(hf_model, tokenizer, table=table, seed=seed, cache_dir=cache_dir, progress=progress,
                               model_fingerprint=fingerprint)
-        probe = probe_report(fact_set_dir(fingerprint, load_fact_table(), seed=seed, cache_dir=cache_dir))
+        probe = probe_report(fact_set_dir(fingerprint, table, seed=seed, cache_dir=cache_dir))
     timings["probe"] = time.perf_counter() - started
 
     started = time.perf_counter()
