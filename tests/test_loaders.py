@@ -287,3 +287,91 @@ def test_iter_text_files_tolerates_bad_bytes(tmp_path):
     path = tmp_path / "latin.txt"
     path.write_bytes(b"caf\xe9\n")
     assert list(iter_text_files(os.fspath(path))) == ["caf\ufffd"]
+
+
+# ------------------------------------------------------------------- hostile files (issue 21, item 8)
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+HOSTILE_FILES = {
+    # the whole file cannot be read: the file is named, whatever the loader or skip_invalid
+    "deeply nested": lambda: "[" + _deep(100_000) + "]",
+    "not UTF-8": lambda: b'[{"case_id": 0, "subject": "\xff"}]',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_FILES))
+@pytest.mark.parametrize("loader", [load_counterfact, load_zsre])
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_an_unreadable_file_is_a_record_error_naming_it(tmp_path, loader, name, skip_invalid):
+    data = HOSTILE_FILES[name]()
+    path = tmp_path / "hostile.json"
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    with pytest.raises(RecordError, match=r"hostile\.json: ") as err:
+        loader(path, skip_invalid=skip_invalid)
+    assert str(path) in str(err.value)
+
+
+def test_a_directory_or_missing_file_is_named(tmp_path):
+    with pytest.raises(RecordError, match=r"missing\.json") as err:
+        load_counterfact(tmp_path / "missing.json")
+    assert isinstance(err.value, FileNotFoundError)  # still one, as before
+    with pytest.raises(RecordError, match=str(tmp_path)):
+        load_counterfact(tmp_path)
+
+
+HUGE = "1" * 5000  # beyond Python's int-string conversion limit (4300 digits)
+
+
+@pytest.mark.parametrize("where, text, pattern", [
+    ("case_id", f'"case_id": {HUGE}', r"record #1: .*case_id.*5000 digits"),
+    ("target id", None, r"record #1: .*requested_rewrite\.target_new\.id.*5000 digits"),
+    ("list case_id", '"case_id": [1, 2]', r"record #1: .*case_id.*integer or a string.*list"),
+    ("dict case_id", '"case_id": {"a": 1}', r"record #1: .*case_id.*integer or a string.*dict"),
+    ("float case_id", '"case_id": 1.5', r"record #1: .*case_id.*integer or a string.*float"),
+    ("bool case_id", '"case_id": true', r"record #1: .*case_id.*integer or a string.*bool"),
+    ("list relation", None, r"record #1: .*relation_id.*string"),
+])
+def test_hostile_counterfact_records_are_named_and_skippable(tmp_path, where, text, pattern):
+    records = [json.dumps(record) for record in COUNTERFACT]
+    if where == "target id":
+        records[1] = records[1].replace('"id": "Q90"', f'"id": {HUGE}')
+    elif where == "list relation":
+        records[1] = records[1].replace('"relation_id": "P159"', '"relation_id": ["P159"]')
+    else:
+        records[1] = records[1].replace('"case_id": 1', text)
+    assert records[1] != json.dumps(COUNTERFACT[1])
+    path = write(tmp_path, "hostile.json", "[" + ", ".join(records) + "]")
+    with pytest.raises(RecordError, match=pattern) as err:
+        load_counterfact(path)
+    assert str(path) in str(err.value)
+    with pytest.warns(UserWarning, match=r"hostile\.json: skipped 1 malformed record"):
+        cases = load_counterfact(path, skip_invalid=True)
+    assert [c.case_id for c in cases] == [0, 7]
+
+
+def test_hostile_zsre_records_are_named_and_skippable(tmp_path):
+    records = [json.dumps(record) for record in ZSRE]
+    records[0] = records[0].replace('"pred": "Trinity College"', f'"pred": {HUGE}')
+    path = write(tmp_path, "z.json", "[" + ", ".join(records) + "]")
+    with pytest.raises(RecordError, match=r"z\.json: record #0: .*'pred'.*5000 digits"):
+        load_zsre(path)
+    with pytest.warns(UserWarning, match="skipped 1 malformed"):
+        assert len(load_zsre(path, skip_invalid=True)) == 1
+
+
+def test_dataset_fact_set_names_a_hostile_file(tmp_path):
+    from fedke.testbed import dataset_fact_set
+
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b"\xff\xfe not json")
+    with pytest.raises(RecordError, match=r"latin1\.json"):
+        dataset_fact_set(path)
+    path.write_text(f'[{{"case_id": {HUGE}, "requested_rewrite": {{}}}}]')
+    with pytest.raises(RecordError, match=r"latin1\.json: record #0: .*case_id"):
+        dataset_fact_set(path)
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        dataset_fact_set(tmp_path / "nothing.json")

@@ -186,3 +186,23 @@ def test_hparams_sweep_writes_its_keys(tiny_bed, load_bench, tmp_path):
     assert set(json.loads(out.read_text())) == {"runs", "best", "peak_rss_mb", "config"}
     assert len(result["runs"]) == 2 and result["best"] in result["runs"]
     assert {"ES", "PS", "NS", "Score", "lam", "fact_token", "targets", "target_seconds"} <= set(result["runs"][0])
+
+
+def test_a_hostile_fact_table_or_fact_file_is_a_record_error_naming_it(tmp_path):
+    """Deep nesting, a 5,000-digit integer or a list case_id (issue 21, item 8)."""
+    from fedke.data.realfacts import fact_set_from_file
+
+    bad = tmp_path / "table.json"
+    bad.write_text('{"relations": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(RecordError, match=r"table\.json: .*nested"):
+        load_fact_table(bad)
+    bad.write_text(json.dumps({"relations": [{"relation_id": "P1", "name": "x", "templates": ["{} a", "{} b"],
+                                              "facts": {"s": "o"}}]}).replace('"x"', "9" * 5000))
+    with pytest.raises(RecordError, match=r"table\.json: field 'relations\[0\]\.name'.*5000 digits"):
+        load_fact_table(bad)
+    cases = tmp_path / "facts.json"
+    cases.write_text(json.dumps([{"case_id": [0], "requested_rewrite": {
+        "prompt": "{} is in", "subject": "S", "relation_id": "P1",
+        "target_new": {"str": "A", "id": ""}, "target_true": {"str": "B", "id": ""}}}]))
+    with pytest.raises(RecordError, match=r"facts\.json: record #0: .*case_id"):
+        fact_set_from_file(cases)

@@ -186,18 +186,24 @@ def _stats_cached(cache_dir, fingerprint: str, source: str, layer_names) -> bool
 
 def dataset_fact_set(path: str | Path, *, seed: int = 0) -> FactSet:
     """A user's CounterFact / Multi-CounterFact or zsRE JSON file as a fact set (the format is told
-    apart by the first record: ``requested_rewrite`` is CounterFact's, ``src`` / ``alt`` zsRE's)."""
-    import json
+    apart by the first record: ``requested_rewrite`` is CounterFact's, ``src`` / ``alt`` zsRE's).
 
+    Every failure reading the file is a :class:`fedke.data.records.RecordError` naming it (and the
+    record and field where one is at fault); a missing file is also a ``FileNotFoundError``.
+    """
     from fedke.data.loaders import load_counterfact, load_zsre
+    from fedke.data.records import DataFileNotFoundError, RecordError
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset {str(path)!r} does not exist (a CounterFact or zsRE JSON file)")
-    with open(path, encoding="utf-8") as handle:
-        head = handle.read(1 << 16)
+        raise DataFileNotFoundError(f"dataset {str(path)!r} does not exist (a CounterFact or zsRE JSON file)")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16).decode("utf-8", errors="replace")  # a sniff: the loaders check the text
+    except OSError as err:
+        raise RecordError(f"dataset {str(path)!r} cannot be read ({err.strerror or err})") from None
     first = head.lstrip()[:1]
     if first != "[":
-        raise ValueError(f"dataset {str(path)!r} is not a JSON list of CounterFact or zsRE records")
+        raise RecordError(f"dataset {str(path)!r} is not a JSON list of CounterFact or zsRE records")
     cases = load_counterfact(path) if '"requested_rewrite"' in head else load_zsre(path)
     return FactSet.from_cases(path.stem, cases, seed=seed)

@@ -12,7 +12,12 @@ Two formats are understood (NOTES.md section 5):
   for how a record maps onto an :class:`EditCase`.
 
 Every malformed input raises :class:`~fedke.data.records.RecordError` whose message names the file,
-the record (its index in the file, and its ``case_id`` where it has one) and the field.
+the record (its index in the file, and its ``case_id`` where it has one) and the field: invalid
+JSON, text that is not UTF-8, nesting deeper than the JSON reader goes, an integer beyond Python's
+digit limit, a ``case_id`` that is not an integer or a string, a file that cannot be opened (a
+missing one is :class:`~fedke.data.records.DataFileNotFoundError`, also a ``FileNotFoundError``).
+With ``skip_invalid=True`` a bad record is skipped (counted in one warning); a file that cannot be
+read at all still raises.
 
 :func:`save_counterfact` writes the official CounterFact schema atomically, so a CounterFact file,
 a zsRE file or fedke's synthetic world can all be frozen to one format and reloaded.
@@ -23,13 +28,23 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 from fedke.cache import atomic_write_bytes
-from fedke.data.records import EditCase, EditRequest, RecordError, case_from_counterfact
+from fedke.data.records import (
+    DataFileNotFoundError,
+    EditCase,
+    EditRequest,
+    RecordError,
+    case_from_counterfact,
+    check_case_id,
+    json_type_name,
+    record_name,
+)
 
 PathLike = str | os.PathLike
 
@@ -45,17 +60,99 @@ _ZSRE_REQUIRED = ("subject", "src", "rephrase", "answers", "alt", "loc", "loc_an
 # --------------------------------------------------------------------------------------- reading
 
 
-def _read_json_list(path: Path) -> list[Any]:
-    """The top-level JSON list of ``path``; RecordError for invalid JSON or another top level."""
+class OversizedInt:
+    """A JSON integer with more digits than Python converts (``sys.get_int_max_str_digits()``).
+
+    :func:`parse_json` keeps it as this marker instead of failing the whole file, so that the
+    record holding it can be named (and skipped with ``skip_invalid``); :func:`find_oversized_int`
+    finds it.
+    """
+
+    __slots__ = ("digits",)
+    json_type_name = "integer beyond Python's digit limit"
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def _parse_int(text: str) -> int | OversizedInt:
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise RecordError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        return int(text)
+    except ValueError:  # more digits than sys.get_int_max_str_digits()
+        return OversizedInt(len(text.lstrip("-")))
+
+
+def parse_json(raw: bytes | str, where: str) -> Any:
+    """The JSON value of a user's data file's contents; RecordError naming ``where`` if it cannot be read.
+
+    Covers invalid JSON (line and column), text that is not UTF-8, and nesting deeper than the
+    reader's recursion limit. Integers beyond Python's digit limit come back as
+    :class:`OversizedInt` markers (see :func:`oversized_int_error`), not as an error for the file.
+    """
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
     except UnicodeDecodeError as err:
-        raise RecordError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise RecordError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise RecordError(f"{where}: JSON nested too deeply to read (arrays or objects more than about "
+                          f"{sys.getrecursionlimit()} levels deep)") from None
+    except (ValueError, MemoryError) as err:
+        raise RecordError(f"{where}: unreadable JSON ({type(err).__name__}: {err})") from None
+
+
+def read_data_file(path: Path) -> bytes:
+    """The bytes of a user's data file; RecordError naming it if it cannot be read
+    (:class:`DataFileNotFoundError`, also a FileNotFoundError, when it does not exist)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise DataFileNotFoundError(f"{path}: no such data file") from None
+    except OSError as err:
+        raise RecordError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
+def find_oversized_int(value: Any) -> tuple[str, OversizedInt] | None:
+    """The first :class:`OversizedInt` in a parsed JSON value, with its field path
+    (``requested_rewrite.target_new.id``, ``answers[2]``), None if there is none. Iterative: a
+    deeply nested value cannot exhaust the stack."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, OversizedInt):
+            return where, item
+        if isinstance(item, dict):
+            children = [(f"{where}.{key}" if where else str(key), child) for key, child in item.items()]
+        elif isinstance(item, list):
+            children = [(f"{where}[{i}]", child) for i, child in enumerate(item)]
+        else:
+            continue
+        stack.extend(reversed(children))
+    return None
+
+
+def oversized_int_error(value: Any) -> RecordError | None:
+    """A RecordError naming the field of ``value`` that holds an :class:`OversizedInt`, None if none does."""
+    found = find_oversized_int(value)
+    if found is None:
+        return None
+    where, number = found
+    return RecordError(f"field {where or '(the value itself)'!r}: an integer of {number.digits} digits, more than "
+                       f"Python converts ({sys.get_int_max_str_digits()})")
+
+
+def _read_json_list(path: Path) -> list[Any]:
+    """The top-level JSON list of ``path``; RecordError naming the file for anything else."""
+    data = parse_json(read_data_file(path), str(path))
     if not isinstance(data, list):
-        raise RecordError(f"{path}: expected a JSON list of records at the top level, got {type(data).__name__}")
+        raise RecordError(f"{path}: expected a JSON list of records at the top level, got {json_type_name(data)}")
     return data
 
 
@@ -69,7 +166,9 @@ def _parse_records(path: Path, records: list[Any], parse, *, limit: int | None,
     """Parse ``records`` with ``parse(record, index)``, prefixing errors with the file name.
 
     Stops after ``limit`` cases. With ``skip_invalid`` malformed records are dropped with one
-    warning (naming the first few) instead of raising. Duplicate ``case_id`` values are an error:
+    warning (their count, and the first few named) instead of raising. Whatever goes wrong with a
+    record (an integer beyond Python's digit limit, a ``case_id`` that is a list) is a RecordError
+    naming the file, the record's index and the field. Duplicate ``case_id`` values are an error:
     per-case results are keyed by them.
     """
     cases: list[EditCase] = []
@@ -79,18 +178,25 @@ def _parse_records(path: Path, records: list[Any], parse, *, limit: int | None,
         if limit is not None and len(cases) >= limit:
             break
         try:
+            oversized = oversized_int_error(record)
+            if oversized is not None:
+                raise oversized
             case = parse(record, index)
+            check_case_id(case.case_id, "the parsed case")
             if case.case_id in seen:
-                raise RecordError(f"record #{index}: duplicate case_id {case.case_id!r} "
-                                  f"(first used by record #{seen[case.case_id]})")
+                raise RecordError(f"duplicate case_id {case.case_id!r} (first used by record #{seen[case.case_id]})")
         except RecordError as err:
             message = f"{path}: record #{index}: {err}"
-            if not skip_invalid:
-                raise RecordError(message) from None
-            skipped.append(message)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as err:
+            # a record no check above foresaw: still named, still skippable
+            message = f"{path}: record #{index}: malformed ({type(err).__name__}: {err})"
+        else:
+            seen[case.case_id] = index
+            cases.append(case)
             continue
-        seen[case.case_id] = index
-        cases.append(case)
+        if not skip_invalid:
+            raise RecordError(message) from None
+        skipped.append(message)
     if skipped:
         shown = "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
         warnings.warn(f"{path}: skipped {len(skipped)} malformed record(s): {shown}", stacklevel=3)
@@ -110,7 +216,7 @@ def _counterfact_case(record: Any, index: int) -> EditCase:
     """One CounterFact record as an EditCase, plus fedke's optional extension keys."""
     if isinstance(record, Mapping) and isinstance(record.get("requested_rewrite"), Mapping):
         # checked before case_from_counterfact, which expects target_true to be an object
-        where = f"CounterFact record {record.get('case_id', index)!r}"
+        where = f"CounterFact record {record_name(record, index)!r}"
         target_true = record["requested_rewrite"].get("target_true")
         if not isinstance(target_true, Mapping) or "str" not in target_true:
             raise RecordError(f"{where}: missing field 'target_true' (an object with a 'str')")
@@ -187,7 +293,7 @@ def case_from_zsre(record: Any, index: int, *, target_new_from: Literal["alt", "
     """
     where = f"zsRE record {index}"
     if not isinstance(record, Mapping):
-        raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise RecordError(f"{where}: expected a JSON object, got {json_type_name(record)}")
     missing = [name for name in _ZSRE_REQUIRED if name not in record]
     if missing:
         raise RecordError(f"{where}: missing field(s) {', '.join(repr(m) for m in missing)}")

@@ -37,7 +37,8 @@ import torch
 
 from fedke.cache import atomic_directory, cache_root
 from fedke.data.factset import FactSet
-from fedke.data.loaders import load_counterfact, save_counterfact
+from fedke.data.loaders import (load_counterfact, oversized_int_error, parse_json, read_data_file,
+                                save_counterfact)
 from fedke.data.records import EditCase, EditRequest, RecordError
 from fedke.data.world import Relation
 
@@ -77,17 +78,21 @@ class FactTable:
 
 
 def load_fact_table(path: str | Path | None = None) -> FactTable:
-    """Read a fact table (default: fedke's ``realfacts.json``), checking every relation and template."""
+    """Read a fact table (default: fedke's ``realfacts.json``), checking every relation and template.
+
+    Every failure (an unreadable file, invalid or too deeply nested JSON, an integer beyond Python's
+    digit limit, a malformed relation) is a RecordError naming the file and the relation or field.
+    """
     if path is None:
         raw = resources.files("fedke.data").joinpath("realfacts.json").read_bytes()
         where = "fedke/data/realfacts.json"
     else:
-        raw = Path(path).read_bytes()
+        raw = read_data_file(Path(path))
         where = str(path)
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise RecordError(f"{where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    data = parse_json(raw, where)
+    oversized = oversized_int_error(data)
+    if oversized is not None:
+        raise RecordError(f"{where}: {oversized}")
     if not isinstance(data, Mapping) or not isinstance(data.get("relations"), list):
         raise RecordError(f"{where}: expected an object with a 'relations' list")
     relations = []
@@ -108,6 +113,8 @@ def _parse_relation(item: Any, where: str) -> FactRelation:
     if not isinstance(relation_id, str) or not relation_id:
         raise RecordError(f"{where}: missing 'relation_id'")
     where = f"{where} ({relation_id})"
+    if name is not None and not isinstance(name, str):
+        raise RecordError(f"{where}: 'name' must be a string")
     if not isinstance(templates, list) or len(templates) < 2 or not all(
             isinstance(t, str) and t.count("{}") == 1 for t in templates):
         raise RecordError(f"{where}: 'templates' must list at least two strings with exactly one '{{}}' each")

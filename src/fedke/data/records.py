@@ -20,7 +20,30 @@ from typing import Any, Mapping
 
 
 class RecordError(ValueError):
-    """A record that does not fit the schema; the message names the record and the field."""
+    """A data file or record that cannot be read: the message names the file, the record and the field.
+
+    Every failure reading a user's data file (CounterFact, zsRE, a fact table) is one of these.
+    """
+
+
+class DataFileNotFoundError(RecordError, FileNotFoundError):
+    """A data file that does not exist: a :class:`RecordError` like every other failure reading
+    one, and still the ``FileNotFoundError`` that callers caught before."""
+
+
+def json_type_name(value: Any) -> str:
+    """How a JSON value's type reads in an error message (``list``, ``dict``, ``str``, ``int``...)."""
+    return getattr(value, "json_type_name", type(value).__name__)
+
+
+def check_case_id(case_id: Any, where: str) -> int | str:
+    """``case_id`` if it is an integer (not a boolean) or a string; RecordError naming the field otherwise.
+
+    Per-case results are keyed by it, so it must be hashable and print as itself.
+    """
+    if isinstance(case_id, bool) or not isinstance(case_id, (int, str)):
+        raise RecordError(f"{where}: field 'case_id' must be an integer or a string, got {json_type_name(case_id)}")
+    return case_id
 
 
 @dataclass(frozen=True)
@@ -95,10 +118,11 @@ class EditCase:
 
 
 def case_from_counterfact(record: Mapping[str, Any], index: int | None = None) -> EditCase:
-    """Parse one CounterFact / Multi-CounterFact record, with errors that name the record."""
-    where = f"CounterFact record {record.get('case_id', index)!r}" if isinstance(record, Mapping) else f"record {index}"
+    """Parse one CounterFact / Multi-CounterFact record, with errors that name the record and the field."""
     if not isinstance(record, Mapping):
-        raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise RecordError(f"record {index}: expected a JSON object, got {json_type_name(record)}")
+    where = f"CounterFact record {record_name(record, index)!r}"
+    case_id = check_case_id(record.get("case_id", index), where)
     try:
         rewrite = record["requested_rewrite"]
         prompt = rewrite["prompt"]
@@ -107,12 +131,18 @@ def case_from_counterfact(record: Mapping[str, Any], index: int | None = None) -
         target_true = rewrite.get("target_true", {}).get("str")
     except (KeyError, TypeError, AttributeError) as err:
         raise RecordError(f"{where}: missing or malformed field {err}") from None
+    relation_id = rewrite.get("relation_id", "")
+    if not isinstance(relation_id, str):
+        raise RecordError(f"{where}: field 'requested_rewrite.relation_id' must be a string, "
+                          f"got {json_type_name(relation_id)}")
+    if target_true is not None and not isinstance(target_true, str):
+        raise RecordError(f"{where}: field 'requested_rewrite.target_true.str' must be a string, "
+                          f"got {json_type_name(target_true)}")
     for name in ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts"):
         value = record.get(name, [])
         if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
             raise RecordError(f"{where}: {name} must be a list of strings")
-    case_id = record.get("case_id", index)
-    request = _request(prompt, subject, target_new, rewrite.get("relation_id", ""), target_true, case_id, where)
+    request = _request(prompt, subject, target_new, relation_id, target_true, case_id, where)
     return EditCase(
         case_id=case_id,
         request=request,
@@ -126,6 +156,12 @@ def case_from_counterfact(record: Mapping[str, Any], index: int | None = None) -
             "target_true_id": (rewrite.get("target_true") or {}).get("id", ""),
         },
     )
+
+
+def record_name(record: Mapping[str, Any], index: int | None) -> Any:
+    """What names a record in messages: its ``case_id`` when that is an integer or string, else its index."""
+    case_id = record.get("case_id", index)
+    return case_id if isinstance(case_id, (int, str)) and not isinstance(case_id, bool) else index
 
 
 def _request(prompt, subject, target_new, relation_id, target_true, case_id, where) -> EditRequest:
