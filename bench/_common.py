@@ -17,7 +17,11 @@ def peak_rss_mb() -> float:
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
-    text = json.dumps(payload, indent=2, default=float)
+    """Write ``payload`` as JSON to ``path`` (nothing if None), secrets redacted wherever they sit
+    (a run config's ``conflict-secret``: :func:`fedke.simulations.results.redact_config`)."""
+    from fedke.simulations.results import redact_config
+
+    text = json.dumps(redact_config(payload), indent=2, default=float)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)

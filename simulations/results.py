@@ -2,6 +2,13 @@
 
 One row per (round, method, request set, metric): ``round, method, request_set, metric, value``.
 ``summary()`` pivots the last round into the wide table people read (ES, PS, NS, Score, ...).
+
+Secrets are never written down: :func:`redact_config` replaces the value of every key in
+:data:`SECRET_KEYS` (the run-config key ``conflict-secret``, the node-config key
+``federation-secret``, in either spelling) by :data:`REDACTED`, and :class:`ResultsWriter` keeps
+only the redacted copy of the config it is given, so ``results.json`` records whether a secret was
+set, never the secret. The checkpoint (:mod:`fedke.simulations.checkpoint`) and the benchmarks'
+JSON (``bench/_common.py``) use the same function.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -19,16 +26,42 @@ from fedke.cache import atomic_write_bytes, atomic_write_json
 log = logging.getLogger(__name__)
 METRIC_ORDER = ["ES", "PS", "NS", "Score", "EA", "PA", "NA", "AccScore"]
 
+#: Config keys whose values are secrets (run config: ``conflict-secret``; node config:
+#: ``federation-secret``), as run-config keys and as Scenario field names.
+SECRET_KEYS = ("conflict-secret", "conflict_secret", "federation-secret", "federation_secret")
+#: What a set secret's value is replaced by wherever a config is written.
+REDACTED = "<redacted>"
+
+
+def redact_config(config: Mapping[str, Any], secret_keys: Sequence[str] = SECRET_KEYS) -> dict[str, Any]:
+    """A copy of ``config`` with the value of every secret key replaced by :data:`REDACTED`.
+
+    Nested mappings and lists are redacted too (a config inside a benchmark's payload). An empty
+    or absent secret stays as it is (there is nothing to hide, and it shows none was set). The
+    caller's config is not changed.
+    """
+    return _redact(config, tuple(secret_keys))
+
+
+def _redact(value: Any, secret_keys: tuple[str, ...]) -> Any:
+    if isinstance(value, Mapping):
+        return {key: (REDACTED if key in secret_keys and item not in (None, "") else _redact(item, secret_keys))
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(item, secret_keys) for item in value]
+    return value
+
 
 class ResultsWriter:
     """Collects metrics rows and writes ``results.csv``, ``results.parquet`` and ``results.json``.
 
-    Memory grows with rows (a few per round), never with payloads or models.
+    Memory grows with rows (a few per round), never with payloads or models. ``config`` (the run
+    config) is kept redacted (:func:`redact_config`): secrets never reach ``results.json``.
     """
 
     def __init__(self, output_dir: str | Path, *, config: Mapping[str, Any] | None = None, method: str = "") -> None:
         self.output_dir = Path(output_dir)
-        self.config = dict(config or {})
+        self.config = redact_config(config or {})
         self.method = method
         self.rows: list[dict[str, Any]] = []
         #: The request set ``write()`` and ``print_summary()`` summarise (forgetting runs: ``"old"``).
@@ -66,7 +99,7 @@ class ResultsWriter:
             log.warning("results.parquet not written: %s", err)
         summary = self.summary(self.summary_set)
         atomic_write_json(self.output_dir / "results.json", {
-            "config": self.config, "rows": self.rows, "seconds": time.perf_counter() - self.started,
+            "config": redact_config(self.config),  # again: a caller may have set writer.config itself "rows": self.rows, "seconds": time.perf_counter() - self.started,
             "summary": {method: {k: float(v) for k, v in row.items()} for method, row in summary.iterrows()},
         })
         return self.output_dir
