@@ -11,11 +11,27 @@ server writes, into ``checkpoint-dir``:
   round added: its metrics rows (tidy long rows, columnar) and the strategy's per-round merge
   metrics (``round_metrics``);
 * ``checkpoint.json``: the format and version, the completed round and ``num-rounds``, whether the
-  run finished, the config fingerprint and the config itself (to name what differs), the strategy's
-  metadata but its per-round metrics (``rounds_merged``, hyperparameters), the rest of the RNG
-  states (Python's ``random``, NumPy's position), the name and SHA-256 of the safetensors file,
-  and the committed prefix of the metrics log: its length in bytes, lines, rows, and a hash chain
-  over its lines (``h_i = SHA-256(h_{i-1} || line_i)``, ``h_0`` empty).
+  run finished, the config fingerprint and the config itself (to name what differs; secrets
+  redacted, see below), the strategy's metadata but its per-round metrics (``rounds_merged``,
+  hyperparameters), the rest of the RNG states (Python's ``random``, NumPy's position), the name
+  and SHA-256 of the safetensors file, the committed prefix of the metrics log: its length in
+  bytes, lines, rows, and a hash chain over its lines (``h_i = SHA-256(h_{i-1} || line_i)``,
+  ``h_0`` empty), and ``checksum_sha256``: the SHA-256 of everything else in the file as canonical
+  JSON (sorted keys, no spaces), so it covers the file hashes too. It is verified on every load; a
+  mismatch (a flipped digit in an RNG state or ``rounds_merged``) is a CheckpointError naming the
+  file. (An unkeyed checksum catches damage and careless edits, not a forger who recomputes it.)
+
+Secrets: the config stored and fingerprinted is redacted
+(:func:`fedke.simulations.results.redact_config`): ``conflict-secret`` enters as ``"<redacted>"``
+when set (``""`` when not), so a checkpoint records whether the run's HMAC conflict tokens were
+keyed, never the key nor a hash of it. The key changes no result (the tokens only have to match
+within a run, and the server's conflict desk is not checkpointed), so a run may be resumed with
+another one.
+
+Older checkpoints: version 2 (before the checksum) is still read, with a warning that its
+``checkpoint.json`` cannot be verified (its fingerprint, which hashed the raw secret, is checked
+as it was computed then); the next save writes version 3 and drops the secret that version 2
+stored in clear. A version-2 file that carries a checksum is verified like version 3.
 
 Every file a round writes has a size independent of the round number, so a checkpoint costs the
 same at round 1,000 as at round 1 (the log is read whole only on resume).
@@ -33,8 +49,12 @@ Resume policy (:func:`resume_point`): with ``resume = false`` an existing checkp
 overwritten (the run is refused: resume it or choose another directory); with ``resume = true``
 the run continues after the last complete round, and is refused with a clear message when the
 checkpoint belongs to a different config (the differing keys are named) or the run already
-finished. ``checkpoint-dir``, ``resume``, ``output-dir`` and ``cache-dir`` do not enter the
-fingerprint (where things are written is not what is computed).
+finished. A directory that holds checkpoint files (``state-*.safetensors``, ``metrics.jsonl``,
+temp files of their writes) but no ``checkpoint.json`` is refused either way, naming what is
+there and what is missing: never a silent restart from round 1 (a run that crashed before its
+first round was committed leaves such files; delete them to start afresh). ``checkpoint-dir``,
+``resume``, ``output-dir`` and ``cache-dir`` do not enter the fingerprint (where things are
+written is not what is computed).
 
 Both loops use it: :func:`fedke.simulations.multiround.run_multiround` (in process) and the
 Flower ServerApp, through :class:`ResumableStrategy`, which shifts Flower's round numbers by the
@@ -57,12 +77,16 @@ from flwr.server.strategy import Strategy
 
 from fedke.cache import atomic_write_bytes
 
+from .results import redact_config
 from .scenario import Scenario
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "fedke.run_checkpoint"
-CHECKPOINT_VERSION = 2  # 2: metrics in the append-only log metrics.jsonl
+CHECKPOINT_VERSION = 3  # 2: metrics in the append-only log metrics.jsonl; 3: checksum_sha256, secrets redacted
+#: Versions this fedke reads (2 without a checksum, with a warning; see the module docstring).
+READABLE_VERSIONS = (2, 3)
+CHECKSUM_KEY = "checksum_sha256"
 CHECKPOINT_JSON = "checkpoint.json"
 METRICS_LOG = "metrics.jsonl"
 #: Run-config keys that say where things go, not what is computed: left out of the fingerprint.
@@ -79,12 +103,18 @@ class CheckpointError(ValueError):
 
 
 def fingerprint_config(scenario: Scenario) -> dict[str, Any]:
-    """The settings that determine a run's results (every key but :data:`RUN_CONTROL_KEYS`).
+    """The settings that determine a run's results (every key but :data:`RUN_CONTROL_KEYS`), secrets redacted.
 
     ``layerwise`` enters as what it decides: ``layerwise = True`` when the run is layer-wise, absent
     otherwise (``"auto"`` with the decoupled mode and ``"false"`` compute the same, as did runs
-    checkpointed before the key existed); ``passes`` enters only when it is not 1.
+    checkpointed before the key existed); ``passes`` enters only when it is not 1. A secret
+    (``conflict_secret``) enters as whether it is set (:func:`fedke.simulations.results.redact_config`).
     """
+    return redact_config(_unredacted_fingerprint_config(scenario))
+
+
+def _unredacted_fingerprint_config(scenario: Scenario) -> dict[str, Any]:
+    """:func:`fingerprint_config` with secrets in clear: only to check a version-2 checkpoint's fingerprint."""
     config = {key: value for key, value in sorted(asdict(scenario).items()) if key not in RUN_CONTROL_KEYS}
     del config["layerwise"]
     if scenario.layerwise_enabled:
@@ -94,10 +124,18 @@ def fingerprint_config(scenario: Scenario) -> dict[str, Any]:
     return dict(sorted(config.items()))
 
 
+def _config_hash(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 def run_fingerprint(scenario: Scenario) -> str:
-    """SHA-256 (first 16 hex digits) of :func:`fingerprint_config` as canonical JSON."""
-    text = json.dumps(fingerprint_config(scenario), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """SHA-256 (first 16 hex digits) of :func:`fingerprint_config` as canonical JSON (no secret in it)."""
+    return _config_hash(fingerprint_config(scenario))
+
+
+def _fingerprint_for_version(scenario: Scenario, version: int) -> str:
+    """The fingerprint a checkpoint of ``version`` holds for ``scenario`` (version 2 hashed secrets in clear)."""
+    return _config_hash(_unredacted_fingerprint_config(scenario)) if version == 2 else run_fingerprint(scenario)
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -134,11 +172,12 @@ class Checkpoint:
     """A loaded checkpoint (see the module docstring for what each part is)."""
 
     directory: Path
+    version: int
     round: int
     num_rounds: int
     finished: bool
     fingerprint: str
-    config: dict[str, Any]
+    config: dict[str, Any]  # secrets redacted
     strategy_state: dict[str, Any]  # {"arrays": {...}, "meta": {...}}, for load_state_dict
     rows: list[dict[str, Any]]
     rng_arrays: dict[str, np.ndarray]
@@ -155,6 +194,26 @@ def _columns_to_rows(columns: Mapping[str, Sequence]) -> list[dict[str, Any]]:
     if len(lengths) != 1:
         raise CheckpointError(f"metrics columns of unequal lengths {sorted(lengths)}")
     return [dict(zip(ROW_COLUMNS, values)) for values in zip(*(columns[c] for c in ROW_COLUMNS))]
+
+
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of ``manifest`` without its checksum field, as canonical JSON (sorted keys, no
+    spaces, ASCII). Floats round-trip through JSON exactly, so a loaded manifest gives the same."""
+    return hashlib.sha256(_canonical_json({k: v for k, v in manifest.items() if k != CHECKSUM_KEY})).hexdigest()
+
+
+def checkpoint_files(directory: str | Path) -> list[str]:
+    """The names of the files in ``directory`` that a checkpoint writes besides ``checkpoint.json``
+    (arrays files, the metrics log, temp files of interrupted writes), sorted; [] if none or no directory."""
+    directory = Path(directory)
+    names: set[str] = set()
+    for pattern in ("state-*.safetensors", METRICS_LOG, ".state-*.tmp", f".{CHECKPOINT_JSON}.*.tmp"):
+        names.update(path.name for path in directory.glob(pattern) if path.is_file())
+    return sorted(names)
 
 
 def _state_name(server_round: int) -> str:
@@ -259,28 +318,58 @@ def save_checkpoint(directory: str | Path, scenario: Scenario, strategy: Any, se
             "chain_sha256": _chain(committed["chain_sha256"], line),
         },
         "rng": rng_meta,
-        "extra": dict(extra or {}),
+        "extra": redact_config(extra or {}),
     }
+    manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
     atomic_write_bytes(directory / CHECKPOINT_JSON, json.dumps(manifest, separators=(",", ":")).encode())
     _remove_stale(directory, keep=name)
     return directory / CHECKPOINT_JSON
 
 
 def load_manifest(directory: str | Path) -> dict[str, Any] | None:
-    """``checkpoint.json`` of ``directory`` as a dict, None if there is none."""
-    path = Path(directory) / CHECKPOINT_JSON
+    """``checkpoint.json`` of ``directory`` as a dict, its checksum verified; None if the directory
+    holds no checkpoint at all.
+
+    CheckpointError, naming the file: checkpoint files without ``checkpoint.json`` (it was deleted,
+    or the run crashed before its first commit), a file that is not JSON, not a fedke checkpoint,
+    of a version this fedke does not read, or whose checksum does not match its content. A
+    version-2 file without a checksum is returned with a warning (see the module docstring).
+    """
+    directory = Path(directory)
+    path = directory / CHECKPOINT_JSON
     if not path.exists():
-        return None
+        leftovers = checkpoint_files(directory)
+        if not leftovers:
+            return None
+        shown = ", ".join(leftovers[:6]) + (f" and {len(leftovers) - 6} more" if len(leftovers) > 6 else "")
+        raise CheckpointError(
+            f"{directory} holds checkpoint files ({shown}) but no {CHECKPOINT_JSON}, the file that commits a "
+            f"round: {path} is missing (deleted, or the run crashed before its first round was committed). The "
+            "checkpoint cannot be resumed, and it is not restarted from round 1 over these files: delete them "
+            "(or choose another checkpoint-dir) to start afresh")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as err:
         raise CheckpointError(f"{path} is not readable JSON ({err}); the checkpoint is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a fedke run checkpoint (format "
                               f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    if manifest.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')!r}; "
-                              f"this fedke reads version {CHECKPOINT_VERSION}")
+    version = manifest.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path} has checkpoint version {version!r}; this fedke reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if CHECKSUM_KEY in manifest or version != 2:
+        recorded = manifest.get(CHECKSUM_KEY)
+        if recorded is None:
+            raise CheckpointError(f"{path} has no checksum ({CHECKSUM_KEY}), which version {version} checkpoints "
+                                  "carry: the file was altered or damaged; the checkpoint cannot be resumed")
+        if recorded != manifest_checksum(manifest):
+            raise CheckpointError(f"{path} does not match its checksum ({CHECKSUM_KEY}): the file was altered or "
+                                  "damaged after it was written (e.g. a digit of an RNG state or rounds_merged); "
+                                  "the checkpoint cannot be resumed")
+    else:
+        log.warning("%s is a version-2 checkpoint with no checksum: its content cannot be verified (the arrays "
+                    "file and the metrics log still are); the next save writes version %d", path, CHECKPOINT_VERSION)
     return manifest
 
 
@@ -337,30 +426,38 @@ def load_checkpoint(directory: str | Path) -> Checkpoint | None:
     manifest = load_manifest(directory)
     if manifest is None:
         return None
-    path = directory / manifest["arrays_file"]
     try:
-        blob = path.read_bytes()
-    except OSError as err:
-        raise CheckpointError(f"{directory / CHECKPOINT_JSON} names {path.name}, which cannot be read ({err})") from None
-    if hashlib.sha256(blob).hexdigest() != manifest["arrays_sha256"]:
-        raise CheckpointError(f"{path} does not match the SHA-256 recorded in {CHECKPOINT_JSON}: the checkpoint is damaged")
-    arrays = load(blob)
-    rng_arrays = {key: value for key, value in arrays.items() if key.startswith("rng/")}
-    state_arrays = {key: value for key, value in arrays.items() if not key.startswith("rng/")}
-    rows, round_metrics = read_metrics_log(directory, manifest)
-    return Checkpoint(
-        directory=directory,
-        round=int(manifest["round"]),
-        num_rounds=int(manifest["num_rounds"]),
-        finished=bool(manifest["finished"]),
-        fingerprint=str(manifest["fingerprint"]),
-        config=dict(manifest["config"]),
-        strategy_state={"arrays": state_arrays, "meta": {**manifest["strategy_meta"], "round_metrics": round_metrics}},
-        rows=rows,
-        rng_arrays=rng_arrays,
-        rng_meta=manifest["rng"],
-        extra=dict(manifest.get("extra", {})),
-    )
+        path = directory / Path(str(manifest["arrays_file"])).name
+        try:
+            blob = path.read_bytes()
+        except OSError as err:
+            raise CheckpointError(f"{directory / CHECKPOINT_JSON} names {path.name}, which cannot be read ({err})") from None
+        if hashlib.sha256(blob).hexdigest() != manifest["arrays_sha256"]:
+            raise CheckpointError(f"{path} does not match the SHA-256 recorded in {CHECKPOINT_JSON}: the checkpoint is damaged")
+        arrays = load(blob)
+        rng_arrays = {key: value for key, value in arrays.items() if key.startswith("rng/")}
+        state_arrays = {key: value for key, value in arrays.items() if not key.startswith("rng/")}
+        rows, round_metrics = read_metrics_log(directory, manifest)
+        return Checkpoint(
+            directory=directory,
+            version=int(manifest["version"]),
+            round=int(manifest["round"]),
+            num_rounds=int(manifest["num_rounds"]),
+            finished=bool(manifest["finished"]),
+            fingerprint=str(manifest["fingerprint"]),
+            config=redact_config(manifest["config"]),  # a version-2 file holds secrets in clear
+            strategy_state={"arrays": state_arrays,
+                            "meta": {**manifest["strategy_meta"], "round_metrics": round_metrics}},
+            rows=rows,
+            rng_arrays=rng_arrays,
+            rng_meta=manifest["rng"],
+            extra=redact_config(manifest.get("extra", {})),
+        )
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{directory / CHECKPOINT_JSON} lacks or has a malformed field "
+                              f"({type(err).__name__}: {err}); the checkpoint is damaged") from None
 
 
 # ----------------------------------------------------------------------------- resume policy
@@ -369,12 +466,14 @@ def load_checkpoint(directory: str | Path) -> Checkpoint | None:
 def check_resumable(checkpoint: Checkpoint, scenario: Scenario) -> None:
     """CheckpointError unless ``scenario`` may continue ``checkpoint`` (same config, not finished)."""
     where = checkpoint.directory / CHECKPOINT_JSON
-    if checkpoint.fingerprint != run_fingerprint(scenario):
+    if checkpoint.fingerprint != _fingerprint_for_version(scenario, checkpoint.version):
         current = fingerprint_config(scenario)
         differing = sorted(key for key in set(current) | set(checkpoint.config)
                            if current.get(key, "<absent>") != checkpoint.config.get(key, "<absent>"))
         details = ", ".join(f"{key.replace('_', '-')}: checkpoint {checkpoint.config.get(key, '<absent>')!r}, "
                             f"now {current.get(key, '<absent>')!r}" for key in differing)
+        if not details and checkpoint.version == 2:  # it hashed the secret, whose value no message may show
+            details = "conflict-secret differs (its value is not shown), or the fingerprint does"
         raise CheckpointError(f"refusing to resume {where}: it was written by a run with a different config "
                               f"({details or 'fingerprint differs'}). Resume with the same config, or use another "
                               "checkpoint-dir for a new run.")

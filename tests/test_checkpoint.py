@@ -505,3 +505,107 @@ def test_flwr_run_resumes_a_crashed_run(scenario, uninterrupted, tmp_path):
         np.testing.assert_allclose(final.strategy_state["arrays"][f"global_update/{name}"], update, rtol=0, atol=1e-9)
     table = pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False)
     assert set(table["round"]) == set(range(1, ROUNDS + 1))
+
+
+# ----------------------------------------------------------------------------- issue 21, item 6
+
+
+def _saved(tmp_path, rounds: int = 2, **changes) -> Scenario:
+    """A checkpoint of ``rounds`` rounds (FakeState) in ``tmp_path``; the scenario that resumes it."""
+    scenario = replace(Scenario(model="world"), num_rounds=5, checkpoint_dir=str(tmp_path), **changes)
+    strategy, rows = FakeState(), []
+    for server_round in range(1, rounds + 1):
+        strategy.merge(server_round)
+        rows.extend(_fake_rows(server_round, 3))
+        save_checkpoint(tmp_path, scenario, strategy, server_round, rows)
+    return replace(scenario, resume=True)
+
+
+def test_checkpoint_files_without_checkpoint_json_are_never_a_silent_restart(tmp_path):
+    scenario = _saved(tmp_path)
+    (tmp_path / CHECKPOINT_JSON).unlink()
+    for run in (scenario, replace(scenario, resume=False)):  # resumed or not: it is not a fresh directory
+        with pytest.raises(CheckpointError, match=r"no checkpoint\.json") as err:
+            resume_point(run)
+        assert "state-000002.safetensors" in str(err.value) and METRICS_LOG in str(err.value)
+        assert str(tmp_path) in str(err.value)
+    with pytest.raises(CheckpointError, match=r"no checkpoint\.json"):
+        load_checkpoint(tmp_path)
+    # the round's arrays alone (the metrics log deleted too) are still named
+    (tmp_path / METRICS_LOG).unlink()
+    with pytest.raises(CheckpointError, match=r"state-000002\.safetensors"):
+        resume_point(scenario)
+    # a directory without checkpoint files (other files of the run are fine) starts afresh
+    (tmp_path / "state-000002.safetensors").unlink()
+    (tmp_path / "results.csv").write_text("round\n")
+    assert resume_point(scenario) is None
+    assert resume_point(replace(scenario, checkpoint_dir=str(tmp_path / "new"))) is None
+
+
+@pytest.mark.parametrize("damage", ["rng digit", "rounds_merged", "round", "arrays hash", "checksum", "no checksum"])
+def test_checkpoint_json_carries_a_checksum_that_is_verified(tmp_path, damage):
+    scenario = _saved(tmp_path)
+    path = tmp_path / CHECKPOINT_JSON
+    manifest = json.loads(path.read_text())
+    assert manifest["version"] >= 3 and len(manifest["checksum_sha256"]) == 64
+    if damage == "rng digit":
+        manifest["rng"]["python"][1][7] ^= 1
+    elif damage == "rounds_merged":
+        manifest["strategy_meta"]["rounds_merged"] += 1
+    elif damage == "round":
+        manifest["round"] = 1
+    elif damage == "arrays hash":
+        manifest["arrays_sha256"] = manifest["arrays_sha256"][::-1]
+    elif damage == "checksum":
+        manifest["checksum_sha256"] = "0" * 64
+    else:
+        del manifest["checksum_sha256"]
+    path.write_text(json.dumps(manifest, separators=(",", ":")))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.json.*checksum") as err:
+        resume_point(scenario)
+    assert str(path) in str(err.value)
+
+
+def test_a_digit_flipped_in_the_file_is_caught(tmp_path):
+    """The fuzzer's case: one digit of checkpoint.json's text changed in place."""
+    scenario = _saved(tmp_path)
+    path = tmp_path / CHECKPOINT_JSON
+    text = path.read_text()
+    at = text.index('"python":[3,[') + len('"python":[3,[')
+    digit = text[at]
+    path.write_text(text[:at] + ("1" if digit != "1" else "2") + text[at + 1:])
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(tmp_path)
+    path.write_text(text)
+    assert resume_point(scenario).round == 2
+
+
+def test_a_version_2_checkpoint_without_a_checksum_resumes_with_a_warning(tmp_path, caplog):
+    """Checkpoints written before the checksum (version 2) are read, with a warning that
+    checkpoint.json cannot be verified; the next save writes the current version."""
+    secret = "an-old-secret-kept-in-clear-text"
+    scenario = _saved(tmp_path, conflict_detection="hmac", conflict_secret=secret)
+    path = tmp_path / CHECKPOINT_JSON
+    manifest = json.loads(path.read_text())
+    del manifest["checksum_sha256"]
+    manifest["version"] = 2
+    manifest["config"]["conflict_secret"] = secret  # version 2 stored the secret, and fingerprinted it
+    import hashlib
+
+    manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest["config"], sort_keys=True,
+                                                        separators=(",", ":")).encode()).hexdigest()[:16]
+    path.write_text(json.dumps(manifest, separators=(",", ":")))
+    with caplog.at_level("WARNING"):
+        checkpoint = resume_point(scenario)
+    assert checkpoint.round == 2 and "no checksum" in caplog.text
+    assert secret not in json.dumps(checkpoint.config) and secret not in caplog.text
+    with pytest.raises(CheckpointError, match="different config") as err:  # another secret: refused, unnamed
+        resume_point(replace(scenario, conflict_secret="yet-another-secret-0123456789"))
+    assert secret not in str(err.value)
+    strategy = FakeState()
+    strategy.load_state_dict(checkpoint.strategy_state)
+    strategy.merge(3)
+    save_checkpoint(tmp_path, scenario, strategy, 3, checkpoint.rows + _fake_rows(3, 3))
+    rewritten = path.read_text()
+    assert secret not in rewritten and json.loads(rewritten)["version"] >= 3
+    assert resume_point(scenario).round == 3
