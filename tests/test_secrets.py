@@ -49,7 +49,13 @@ def test_results_writer_redacts_the_config_it_is_given(tmp_path):
     writer.write()
     assert _files_holding(tmp_path, SECRET) == []
     assert json.loads((tmp_path / "results.json").read_text())["config"]["conflict-secret"] == REDACTED
-    assert SECRET not in repr(writer.config) and SECRET not in repr(scenario)
+    assert SECRET not in repr(writer.config)
+
+
+def test_a_scenario_never_prints_its_secret():
+    """Logging a Scenario (its repr) must not leak the secret (the field is ``repr=False``)."""
+    scenario = Scenario(model="world", conflict_detection="hmac", conflict_secret=SECRET)
+    assert SECRET not in repr(scenario) and SECRET not in str(scenario)
 
 
 def test_the_checkpoint_fingerprint_records_whether_a_secret_is_set_not_its_value():
