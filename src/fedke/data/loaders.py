@@ -248,9 +248,11 @@ def load_counterfact(path: PathLike, *, limit: int | None = None,
     ``"neighborhood_target"`` extension key written by :func:`save_counterfact`.
 
     Raises:
-        RecordError: invalid JSON, a top level that is not a list, a record missing a field, a
-            subject not in its prompt, an empty ``target_new`` / ``target_true``, a duplicate
-            ``case_id``. The message names the file, the record index, the case and the field.
+        RecordError: a file that cannot be read (missing: DataFileNotFoundError), invalid or
+            too deeply nested JSON, a top level that is not a list, a record missing a field, a
+            subject not in its prompt, an empty ``target_new`` / ``target_true``, a ``case_id``
+            that is not an integer or a string, or a duplicate one, an integer beyond Python's
+            digit limit. The message names the file, the record index, the case and the field.
     """
     _check_limit(limit)
     path = Path(path)
@@ -347,8 +349,10 @@ def load_zsre(path: PathLike, *, limit: int | None = None, skip_invalid: bool = 
         target_new_from: ``"alt"`` (default, MEND's edit target) or ``"answers"`` (MEMIT's choice).
 
     Raises:
-        RecordError: invalid JSON, a top level that is not a list, a record missing a field, a
-            subject not in its ``src``, an empty target (``alt``, ``answers[0]``, ``loc_ans``).
+        RecordError: a file that cannot be read (missing: DataFileNotFoundError), invalid or
+            too deeply nested JSON, a top level that is not a list, a record missing a field, a
+            subject not in its ``src``, an empty target (``alt``, ``answers[0]``, ``loc_ans``), an
+            integer beyond Python's digit limit.
     """
     _check_limit(limit)
     path = Path(path)
