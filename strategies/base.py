@@ -40,14 +40,13 @@ from flwr.common import (
     Parameters,
     Scalar,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fedke.codec import LayerSpec, PayloadError, decode_payload, encode_update
+from fedke.codec import MAX_COUNT, LayerSpec, PayloadError, decode_payload, decode_tensors, encode_update
 from fedke.payload import EditPayload
 
 __all__ = [
@@ -56,7 +55,9 @@ __all__ = [
     "EditMergeStrategy",
     "RoundAggregation",
     "RoundMerger",
+    "check_fit_metrics",
     "decode_reply",
+    "describe_failure",
     "residual_norm_summary",
     "sample_clients",
     "weighted_metrics_average",
@@ -86,7 +87,13 @@ class RoundMerger(ABC):
 
     @abstractmethod
     def add(self, payload: EditPayload, weight: float) -> None:
-        """Take one client's payload into the round (``weight``: its ``n_edits``)."""
+        """Take one client's payload into the round (``weight``: its ``n_edits``).
+
+        Raise :class:`fedke.codec.PayloadError` to refuse this payload (e.g. it would make the
+        round's system singular): the merger must then be left exactly as before the call, and the
+        reply is rejected like one that failed validation. Any other exception is a merge failure:
+        the round is not applied.
+        """
 
     @abstractmethod
     def result(self) -> dict[str, np.ndarray]:
@@ -149,8 +156,28 @@ def check_layer_arrays(
     return out
 
 
+def _safe_text(value: Any, *, use_repr: bool = False) -> str:
+    """``str(value)`` (or ``repr``), never raising: a client's exception whose ``__str__`` raises
+    (or returns something other than a string) becomes ``<TypeName: unprintable>``."""
+    try:
+        text = repr(value) if use_repr else str(value)
+        if isinstance(text, str):
+            return text
+    except Exception:  # noqa: BLE001 - anything a client hands us may misbehave when printed
+        pass
+    try:
+        name = type(value).__name__
+    except Exception:  # noqa: BLE001
+        name = "object"
+    return f"<{name}: unprintable>"
+
+
 def _cid(client_proxy: Any) -> str:
-    return str(getattr(client_proxy, "cid", client_proxy))
+    try:
+        cid = getattr(client_proxy, "cid", client_proxy)
+    except Exception:  # noqa: BLE001
+        cid = client_proxy
+    return _short(_safe_text(cid))
 
 
 def _short(text: str) -> str:
@@ -160,23 +187,30 @@ def _short(text: str) -> str:
 def _reason(error: BaseException) -> str:
     """A one-line reason for a rejected reply (PayloadError messages already name layer and array)."""
     if isinstance(error, PayloadError):
-        return _short(str(error))
-    return _short(f"{type(error).__name__}: {error}")
+        return _short(_safe_text(error))
+    return _short(f"{type(error).__name__}: {_safe_text(error)}")
 
 
 def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> str:
-    """One line for an entry of Flower's ``failures`` list: an exception, or a (proxy, reply) pair."""
-    if isinstance(failure, BaseException):
-        return _short(f"{type(failure).__name__}: {failure}")
+    """One line for an entry of Flower's ``failures`` list: an exception, or a (proxy, reply) pair.
+
+    Never raises, whatever the entry (an exception whose ``str()`` raises is named by its type).
+    """
     try:
-        proxy, reply = failure
-    except (TypeError, ValueError):
-        return _short(repr(failure))
-    status = getattr(reply, "status", None)
-    if status is not None:
-        code = getattr(status.code, "name", status.code)
-        return _short(f"client {_cid(proxy)}: status {code}: {status.message}")
-    return _short(f"client {_cid(proxy)}: {reply!r}")
+        if isinstance(failure, BaseException):
+            return _short(f"{type(failure).__name__}: {_safe_text(failure)}")
+        try:
+            proxy, reply = failure
+        except Exception:  # noqa: BLE001 - not a pair
+            return _short(_safe_text(failure, use_repr=True))
+        status = getattr(reply, "status", None)
+        if status is not None:
+            code = getattr(status, "code", None)
+            code = getattr(code, "name", code)
+            return _short(f"client {_cid(proxy)}: status {_safe_text(code)}: {_safe_text(getattr(status, 'message', ''))}")
+        return _short(f"client {_cid(proxy)}: {_safe_text(reply, use_repr=True)}")
+    except Exception:  # noqa: BLE001 - the last resort: a failure is always recorded
+        return f"<unprintable failure of type {type(failure).__name__}>"
 
 
 def sample_clients(
@@ -192,6 +226,54 @@ def sample_clients(
     return client_manager.sample(num_clients=num_clients, min_num_clients=min_available_clients)
 
 
+def _count(where: str, value: Any, limit: int) -> int:
+    """``value`` as an int in ``[0, limit]``; PayloadError naming ``where`` otherwise.
+
+    Integers (not booleans) qualify, and floats holding an integer (``3.0``); NaN, Inf, fractions,
+    negative or huge values and other types do not.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise PayloadError(f"{where}: must be a non-negative integer count, got a boolean {value!r}")
+    if isinstance(value, (int, np.integer)):
+        count = int(value)
+    elif isinstance(value, (float, np.floating)) and math.isfinite(float(value)) and float(value).is_integer():
+        count = int(value)
+    else:
+        shown = _safe_text(value, use_repr=True)
+        raise PayloadError(f"{where}: must be a non-negative integer count, got {type(value).__name__} "
+                           f"{shown if len(shown) <= 40 else shown[:37] + '...'}")
+    if not 0 <= count <= limit:
+        shown = str(count) if count.bit_length() < 64 else f"an integer of {count.bit_length()} bits"
+        raise PayloadError(f"{where}: must be a count in [0, {limit}], got {shown}")
+    return count
+
+
+#: Fit metrics the strategy reads, as counts: name -> the largest value one reply may report
+#: (None: the strategy's ``max_edits_per_client``, or :data:`fedke.codec.MAX_COUNT` without one).
+COUNT_METRICS: dict[str, int | None] = {"n_skipped": None, "targets_reused": 1}
+
+
+def check_fit_metrics(metrics: Any, *, max_edits: int | None = None) -> dict[str, int]:
+    """The counts a strategy reads from one reply's fit metrics (:data:`COUNT_METRICS`), validated.
+
+    ``metrics`` must be a mapping (None counts as empty). ``n_skipped`` (requests the client's
+    residual guard skipped) must be an integer in ``[0, max_edits or MAX_COUNT]`` and
+    ``targets_reused`` (a layer-wise client that reused its targets) 0 or 1; anything else (NaN,
+    Inf, fractions, negative or huge numbers, strings...) raises :class:`PayloadError` naming the
+    key. Other keys are not interpreted here.
+    """
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise PayloadError(f"metrics: expected a dict of scalars, got {type(metrics).__name__}")
+    counts = {}
+    for key, limit in COUNT_METRICS.items():
+        if key in metrics:
+            bound = limit if limit is not None else (MAX_COUNT if max_edits is None else int(max_edits))
+            counts[key] = _count(f"metrics[{key!r}]", metrics[key], bound)
+    return counts
+
+
 def decode_reply(
     fit_res: FitRes,
     *,
@@ -199,25 +281,31 @@ def decode_reply(
     max_norm: float | Mapping[str, float] | None,
     psd_tol: float | None,
     require: Sequence[str] = (),
+    max_edits: int | None = None,
 ) -> EditPayload:
     """One client's ``FitRes`` as a validated float64 :class:`EditPayload`; PayloadError with the reason.
 
-    A reply with a non-OK status, parameters that do not deserialise as plain NumPy arrays, or any
-    failure of :func:`fedke.codec.decode_payload` raises :class:`PayloadError`.
+    A reply with a non-OK status, a ``num_examples`` that is not a non-negative integer, parameters
+    whose tensors do not deserialise as plain ``.npy`` arrays (the reason names the array), or any
+    failure of :func:`fedke.codec.decode_payload` (``n_edits`` above ``max_edits`` included) raises
+    :class:`PayloadError`.
     """
     status = getattr(fit_res, "status", None)
     if status is not None and status.code != Code.OK:
-        raise PayloadError(f"reply status {getattr(status.code, 'name', status.code)}: {status.message}")
+        raise PayloadError(f"reply status {_safe_text(getattr(status.code, 'name', status.code))}: "
+                           f"{_safe_text(status.message)}")
+    _count("num_examples", getattr(fit_res, "num_examples", None), MAX_COUNT)
+    parameters = getattr(fit_res, "parameters", None)
+    if parameters is None or not hasattr(parameters, "tensors"):
+        raise PayloadError(f"parameters: expected flwr Parameters, got {type(parameters).__name__}")
+    arrays = decode_tensors(parameters.tensors)
     try:
-        arrays = parameters_to_ndarrays(fit_res.parameters)
-    except Exception as error:  # noqa: BLE001 - bytes from a client: anything can go wrong
-        raise PayloadError(f"parameters are not plain NumPy arrays ({type(error).__name__}: {error})") from None
-    try:
-        return decode_payload(arrays, expected=expected, max_norm=max_norm, psd_tol=psd_tol, require=require)
+        return decode_payload(arrays, expected=expected, max_norm=max_norm, psd_tol=psd_tol, require=require,
+                              max_edits=max_edits)
     except PayloadError:
         raise
     except Exception as error:  # noqa: BLE001
-        raise PayloadError(f"payload not decodable ({type(error).__name__}: {error})") from None
+        raise PayloadError(f"payload not decodable ({type(error).__name__}: {_safe_text(error)})") from None
 
 
 def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float | None:
@@ -369,18 +457,25 @@ class RoundAggregation:
                 max_norm=strategy.max_norm,
                 psd_tol=strategy.psd_tol,
                 require=strategy.required_arrays,
+                max_edits=strategy.max_edits_per_client,
             )
             strategy.check_payload(payload)
+            client_metrics = getattr(fit_res, "metrics", None)
+            counts = check_fit_metrics(client_metrics, max_edits=strategy.max_edits_per_client)
+            claims = None
+            if strategy.conflict_coordinator is not None:
+                claims = strategy.conflict_coordinator.read_claims(client_metrics)
         except Exception as rejection:  # noqa: BLE001 - any bad reply is rejected, never fatal
-            reason = _reason(rejection)
-            strategy.last_rejections.append((cid, reason))
-            log(WARNING, "round %s: rejected the payload of client %s: %s", server_round, cid, reason)
+            self._reject(cid, rejection)
             return False
         finally:
             self.decode_seconds += time.perf_counter() - tic
         tic = time.perf_counter()
         try:
             self.merger.add(payload, float(payload.n_edits))
+        except PayloadError as rejection:  # the merger refused this payload and is unchanged (RoundMerger.add)
+            self._reject(cid, rejection)
+            return False
         except Exception as failure:  # noqa: BLE001 - a merge bug must not corrupt the state
             self.error = f"merging the payload of client {cid} failed: {_reason(failure)}"
             return False
@@ -390,17 +485,19 @@ class RoundAggregation:
         self.n_edits += int(payload.n_edits)
         self.norms.append(payload.residual_norms)
         del payload
-        client_metrics = getattr(fit_res, "metrics", None) or {}
-        if _is_number(client_metrics.get("n_skipped")):
-            self.n_skipped = (self.n_skipped or 0) + int(client_metrics["n_skipped"])
-        if _is_number(client_metrics.get("targets_reused")):
-            self.n_targets_reused = (self.n_targets_reused or 0) + int(client_metrics["targets_reused"])
-        if strategy.conflict_coordinator is not None:
-            try:
-                strategy.conflict_coordinator.observe(server_round, cid, client_metrics)
-            except ValueError as bad:
-                log(WARNING, "round %s: ignored the conflict claims of client %s: %s", server_round, cid, bad)
+        if "n_skipped" in counts:
+            self.n_skipped = (self.n_skipped or 0) + counts["n_skipped"]
+        if "targets_reused" in counts:
+            self.n_targets_reused = (self.n_targets_reused or 0) + counts["targets_reused"]
+        if claims is not None:
+            strategy.conflict_coordinator.record(server_round, cid, claims)
         return True
+
+    def _reject(self, cid: str, rejection: BaseException) -> None:
+        """Record and log one rejected reply (``last_rejections``: ``(cid, reason)``)."""
+        reason = _reason(rejection)
+        self.strategy.last_rejections.append((cid, reason))
+        log(WARNING, "round %s: rejected the payload of client %s: %s", self.server_round, cid, reason)
 
     def elapsed_seconds(self) -> float:
         """Time spent aggregating: in ``add_*`` plus :meth:`finish` so far (waiting for clients excluded)."""
@@ -475,7 +572,23 @@ class EditMergeStrategy(Strategy, ABC):
     conflict_coordinator : fedke.conflict.ConflictCoordinator | None (default: None)
         Private conflict detection and resolution: it reads the opaque HMAC claims clients put in
         their fit metrics, adds ``conflict_*`` / ``overlap_*`` counts to the round's metrics and
-        puts each client's decisions in that client's next fit config. It sees tokens only.
+        puts each client's decisions in that client's next fit config. It sees tokens only. A reply
+        whose claims are malformed is rejected (the reason names the metrics key).
+    max_edits_per_client : int | None (default: None)
+        The most edit requests one client may report in one reply (its manifest's ``n_edits``, and
+        its ``n_skipped`` metric): what the server knows of the round's budget, e.g.
+        ``edits_per_client + conflict_pairs`` in a simulation (all of a Global-Edit round's requests,
+        ``num_clients * edits_per_client + conflict_pairs``, when one client edits everything). A
+        reply claiming more is rejected. ``n_edits`` is the weight of FedAvg's weighted mean, so
+        without a bound one client's self-reported count decides that merge; None keeps only the
+        codec's bound (:data:`fedke.codec.MAX_COUNT`, 2**53).
+
+    Every reply is validated before it is merged: the payload (:func:`decode_reply`), the counts of
+    its fit metrics (:func:`check_fit_metrics`), its conflict claims when a coordinator runs, and
+    the merger's own check (CollabEdit: the round's system stays positive definite). A rejected
+    reply is logged with the client's id and a reason naming the field, array or layer; nothing a
+    client sends can raise out of :meth:`aggregate_fit` or change the global update except through
+    an accepted payload.
     """
 
     #: Per-layer arrays every payload must carry (passed to ``decode_payload(require=...)``).
@@ -502,8 +615,16 @@ class EditMergeStrategy(Strategy, ABC):
         initial_update: Mapping[str, np.ndarray] | None = None,
         psd_tol: float | None = 1e-6,
         conflict_coordinator: Any | None = None,
+        max_edits_per_client: int | None = None,
     ) -> None:
         super().__init__()
+        if max_edits_per_client is not None and (
+            isinstance(max_edits_per_client, (bool, np.bool_))
+            or not isinstance(max_edits_per_client, (int, np.integer))
+            or not 0 <= max_edits_per_client <= MAX_COUNT
+        ):
+            raise ValueError(f"max_edits_per_client must be None or an integer in [0, {MAX_COUNT}], "
+                             f"got {max_edits_per_client!r}")
         self.layer_specs: tuple[LayerSpec, ...] = _check_layer_specs(layer_specs)
         for name, value in (
             ("min_fit_clients", min_fit_clients),
@@ -542,6 +663,7 @@ class EditMergeStrategy(Strategy, ABC):
         self.on_round_end = on_round_end
         self.on_evaluate_end = on_evaluate_end
         self.conflict_coordinator = conflict_coordinator
+        self.max_edits_per_client: int | None = None if max_edits_per_client is None else int(max_edits_per_client)
 
         if initial_update is None:
             self.global_update: dict[str, np.ndarray] = {
@@ -583,6 +705,7 @@ class EditMergeStrategy(Strategy, ABC):
             "max_norm": dict(self.max_norm) if isinstance(self.max_norm, Mapping) else self.max_norm,
             "wire_dtype": self.wire_dtype.name,
             "psd_tol": self.psd_tol,
+            "max_edits_per_client": self.max_edits_per_client,
         }
 
     @property

@@ -17,12 +17,29 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedke.codec import PayloadError
-from fedke.merge import collab_edit_from_sums, rkt_from_delta
+from fedke.merge import SingularSystemError, collab_edit_from_sums, rkt_from_delta, spd_factor
 from fedke.payload import EditPayload
 
 from .base import EditMergeStrategy, RoundMerger, check_layer_arrays
 
-__all__ = ["CollabEdit"]
+__all__ = ["CollabEdit", "check_regulariser"]
+
+
+def check_regulariser(name: str, matrix: np.ndarray) -> None:
+    """Refuse a regulariser ``A0 = lam C`` that is not symmetric positive definite (ValueError naming the layer).
+
+    Symmetric to 1e-8 relative Frobenius error, and its Cholesky factorisation must succeed with a
+    reciprocal condition number of at least ``d_in * eps`` (:func:`fedke.merge.spd_factor`): a
+    singular or indefinite ``A0`` would make the merge ``S (A0 + G)^-1`` depend on the clients'
+    keys in directions no request constrains, or fail outright.
+    """
+    scale = max(float(np.linalg.norm(matrix)), np.finfo(np.float64).tiny)
+    if float(np.linalg.norm(matrix - matrix.T)) > 1e-8 * scale:
+        raise ValueError(f"regularisers[{name!r}] must be symmetric (lam * C)")
+    try:
+        spd_factor(matrix, f"regularisers[{name!r}]")
+    except SingularSystemError as error:
+        raise ValueError(f"{error} (the regulariser lam * C of layer {name!r} must be positive definite)") from None
 
 
 class CollabEdit(EditMergeStrategy):
@@ -52,11 +69,21 @@ class CollabEdit(EditMergeStrategy):
     resumed run continues eq. 7 where it stopped. The delta form (``use_sums=False``) is exact for
     dynamic C too, as long as the clients edited with ``A0``.
 
+    Singular systems: the round's ``A_t + G`` is kept symmetric positive definite reply by reply.
+    A payload whose ``K K^T`` would make it fail Cholesky, or push its reciprocal condition number
+    below ``d_in * eps`` (an indefinite ``K K^T`` within the codec's PSD tolerance, a huge one next
+    to a small ``A_t``), is rejected with a reason naming the layer, and the other replies merge
+    as if it had not been sent. This costs one Cholesky per layer and reply (as the codec's PSD
+    check). Should the solve still fail at the end of the round, the round is not applied, the
+    logged error names the layer and the global update is left unchanged: never a fallback.
+
     Parameters
     ----------
     regularisers : Mapping[str, np.ndarray]
         ``A0_l = lam * C_l`` per edited layer, ``(d_in, d_in)``, symmetric positive definite: the
-        regulariser the clients edit with. Required.
+        regulariser the clients edit with. Required. One that is not symmetric, whose Cholesky
+        factorisation fails or that is numerically singular (reciprocal condition number below
+        ``d_in * eps``) is refused with a ValueError naming the layer.
     use_sums : bool (default: True)
         True: merge from the sums ``S``, ``G`` (clients' ``rkt`` if sent, else derived from
         ``delta``). False: the delta form of Lemma 1, ``S = sum_i Delta_i (A0 + K_i K_i^T)`` from
@@ -81,9 +108,7 @@ class CollabEdit(EditMergeStrategy):
         super().__init__(**kwargs)
         self.regularisers = check_layer_arrays("regularisers", regularisers, self.layer_specs, "gram")
         for name, matrix in self.regularisers.items():
-            scale = max(float(np.linalg.norm(matrix)), np.finfo(np.float64).tiny)
-            if float(np.linalg.norm(matrix - matrix.T)) > 1e-8 * scale:
-                raise ValueError(f"regularisers[{name!r}] must be symmetric (lam * C)")
+            check_regulariser(name, matrix)
         self.use_sums = bool(use_sums)
         if dynamic_covariance is not None:
             try:
@@ -149,25 +174,47 @@ class _CollabMerger(RoundMerger):
             self.products = {s.name: np.zeros((s.d_out, s.d_in)) for s in specs}
 
     def add(self, payload: EditPayload, weight: float) -> None:
+        """Add one payload to the sums, all layers or none.
+
+        Every layer's new ``G + K K^T`` is checked first: ``A_t + G + K K^T`` must stay positive
+        definite and not numerically singular (:func:`fedke.merge.spd_factor`); if one layer fails,
+        PayloadError naming it, and the sums are left exactly as they were.
+        """
+        staged = {}
         for name, layer in payload.layers.items():
+            kkt_sum = self.kkt_sum[name] + layer.kkt
+            system = kkt_sum + self.round_regularisers[name]  # bit for bit the matrix result() factorises
+            try:
+                spd_factor(system, f"layer {name!r}: A_t + sum K K^T with this payload", overwrite=True)
+            except SingularSystemError as error:
+                raise PayloadError(f"{error}; its kkt would make the round's system unsolvable") from None
+            del system
             if self.use_sums:
                 rkt = layer.rkt
                 if rkt is None:
                     rkt = rkt_from_delta(layer.delta, layer.kkt, self.client_regularisers[name])
-                self.rkt_sum[name] += rkt
+                staged[name] = (kkt_sum, self.rkt_sum[name] + rkt)
             else:
-                self.delta_sum[name] += layer.delta
-                self.products[name] += layer.delta @ layer.kkt
-            self.kkt_sum[name] += layer.kkt
+                staged[name] = (kkt_sum, self.delta_sum[name] + layer.delta, self.products[name] + layer.delta @ layer.kkt)
+        for name, sums in staged.items():
+            self.kkt_sum[name] = sums[0]
+            if self.use_sums:
+                self.rkt_sum[name] = sums[1]
+            else:
+                self.delta_sum[name], self.products[name] = sums[1], sums[2]
 
     def result(self) -> dict[str, np.ndarray]:
+        """``S (A_t + G)^-1`` per layer; SingularSystemError naming the layer if a system is singular."""
         merged = {}
         for name, regulariser in self.round_regularisers.items():
             if self.use_sums:
                 rkt_sum = self.rkt_sum[name]
             else:
                 rkt_sum = self.delta_sum[name] @ self.client_regularisers[name] + self.products[name]
-            merged[name] = collab_edit_from_sums(rkt_sum, self.kkt_sum[name], regulariser)
+            try:
+                merged[name] = collab_edit_from_sums(rkt_sum, self.kkt_sum[name], regulariser)
+            except SingularSystemError as error:
+                raise SingularSystemError(f"layer {name!r}: the round's system A_t + sum K K^T: {error}") from None
         return merged
 
     def commit(self) -> None:

@@ -70,14 +70,15 @@ from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.common import Code, FitIns, FitRes, Parameters, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitIns, FitRes, Parameters, Scalar, Status, ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from fedke.codec import LayerSpec, PayloadError, encode_payload, pack_upper, unpack_upper
+from fedke.codec import LayerSpec, PayloadError, decode_tensors, encode_payload, pack_upper, unpack_upper
 from fedke.payload import EditPayload, LayerPayload
 
+from .base import _safe_text
 from .collabedit import CollabEdit
 
 __all__ = [
@@ -326,6 +327,12 @@ def default_bounds(regularisers: Mapping[str, np.ndarray], weights: Mapping[str,
     return SecAggBounds(kkt=kkt, rkt=rkt, stats=float(max(1, max_edits)), clip=clip)
 
 
+def _is_one(res: Any) -> bool:
+    """True when a SecAgg+ result's ``num_examples`` is exactly the integer 1 (never raises)."""
+    value = getattr(res, "num_examples", None)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and int(value) == 1
+
+
 class CollabEditSecAgg(CollabEdit):
     """CollabEdit over Flower's SecAgg+: merges the SUMS ``S``, ``G`` and never a single client's payload.
 
@@ -413,18 +420,23 @@ class CollabEditSecAgg(CollabEdit):
         summed: EditPayload | None = None
         if n_clients > self.max_clients:
             problem = f"{n_clients} results, more than max_clients={self.max_clients} (the modular sum may wrap)"
-        elif any(int(res.num_examples) != 1 for _, res in results):
+        elif not all(_is_one(res) for _, res in results):
             problem = "a result with num_examples != 1: SecAgg+ returned a weighted mean that cannot be undone"
         elif n_clients:
             try:
-                mean = parameters_to_ndarrays(results[0][1].parameters)
+                mean = decode_tensors(results[0][1].parameters.tensors)
                 summed, count = decode_secagg_sum(mean, n_clients, self.layer_specs, self.bounds)
                 self.last_count_check = count
                 tolerance = 8 * n_clients * self.quantisation_step("stats") / self.bounds.stats + 1e-9
                 if abs(count - 1.0) > tolerance:
                     problem = f"the count slot reads {count:.6g} per client, expected 1 (layout or weighting wrong)"
+                elif self.max_edits_per_client is not None and summed.n_edits > n_clients * self.max_edits_per_client:
+                    problem = (f"the aggregate carries {summed.n_edits} edits, more than {n_clients} clients x "
+                               f"max_edits_per_client={self.max_edits_per_client}")
             except PayloadError as error:
-                problem = str(error)
+                problem = _safe_text(error)
+            except Exception as error:  # noqa: BLE001 - an aggregate that cannot be read changes nothing
+                problem = f"the secure aggregate cannot be read ({type(error).__name__}: {_safe_text(error)})"
         replies: list[tuple[ClientProxy, FitRes]] = []
         if summed is not None and problem is None:
             arrays = encode_payload(summed, dtype=np.float64, send_delta=False)
@@ -432,7 +444,8 @@ class CollabEditSecAgg(CollabEdit):
         if problem is not None:
             log(ERROR, "round %s: secure aggregate refused: %s; the cumulative update is left unchanged", server_round, problem)
         # the sum's kkt is PSD up to the quantisation noise: widen the codec's PSD tolerance by it
-        saved_psd_tol, saved_on_round_end = self.psd_tol, self.on_round_end
+        saved_psd_tol, saved_on_round_end, saved_max_edits = self.psd_tol, self.on_round_end, self.max_edits_per_client
+        self.max_edits_per_client = None  # the sum of N clients' edits (checked against N x the bound above)
         if self.psd_tol is not None and summed is not None:
             noise = max(4.0 * self.quantisation_step("kkt") * math.sqrt(n_clients * spec.d_in)
                         / max(1.0, float(np.trace(summed.layers[spec.name].kkt))) for spec in self.layer_specs)
@@ -441,7 +454,7 @@ class CollabEditSecAgg(CollabEdit):
         try:
             parameters, metrics = super().aggregate_fit(server_round, replies, failures)
         finally:
-            self.psd_tol, self.on_round_end = saved_psd_tol, saved_on_round_end
+            self.psd_tol, self.on_round_end, self.max_edits_per_client = saved_psd_tol, saved_on_round_end, saved_max_edits
         metrics = dict(metrics)
         accepted = bool(replies) and int(metrics.get("n_accepted", 0)) == 1
         metrics.update(n_results=n_clients, n_accepted=n_clients if accepted else 0,

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 from fedke.merge import (
     MERGE_METHODS,
+    SingularSystemError,
     collab_edit,
     collab_edit_from_sums,
     collab_sums,
     get_merge_method,
     global_edit,
     merge_deltas,
+    rcond_threshold,
     residual_after_repeat,
     rkt_from_delta,
     simple_average,
     solve_right,
+    spd_factor,
     task_arithmetic,
     ties,
     trim_threshold,
@@ -58,13 +63,47 @@ def test_solve_right_solves_from_the_right():
     assert rel_err(x @ gram, rhs) < 1e-12
 
 
-def test_solve_right_falls_back_with_a_warning_when_not_positive_definite():
+def test_solve_right_refuses_a_matrix_that_is_not_positive_definite():
+    """No fallback (it used to solve an indefinite system with a bare RuntimeWarning)."""
     rng = np.random.default_rng(2)
     gram = random_spd(rng, D_IN) - 0.5 * np.eye(D_IN) * 10  # symmetric, indefinite, invertible
     rhs = rng.standard_normal((D_OUT, D_IN))
-    with pytest.warns(RuntimeWarning, match="not positive definite"):
-        x = solve_right(rhs, gram)
-    assert rel_err(x @ gram, rhs) < 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SingularSystemError, match="layer 'x' gram is not positive definite"):
+            solve_right(rhs, gram, what="layer 'x' gram")
+
+
+@pytest.mark.parametrize("kind", ["exactly", "nearly"])
+def test_solve_right_refuses_a_singular_matrix(kind):
+    """An exactly singular PSD matrix fails Cholesky; a nearly singular one passes it but its
+    reciprocal condition number is below n eps: both raise, never a least-squares fallback."""
+    rng = np.random.default_rng(4)
+    keys = rng.standard_normal((D_IN, 3))
+    gram = keys @ keys.T  # rank 3 < D_IN
+    if kind == "nearly":
+        gram = gram + 1e-18 * np.eye(D_IN)
+    else:
+        gram[:, 0] = gram[0, :] = 0.0
+    rhs = rng.standard_normal((D_OUT, D_IN))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SingularSystemError, match="gram"):
+            solve_right(rhs, gram)
+    with pytest.raises(SingularSystemError):
+        collab_edit_from_sums(rhs, gram, np.zeros((D_IN, D_IN)), what="layer 'h.1' A_t + G")
+
+
+def test_spd_factor_accepts_a_well_conditioned_matrix_and_names_a_bad_one():
+    rng = np.random.default_rng(5)
+    good = random_spd(rng, D_IN)
+    factor, lower = spd_factor(good)
+    assert not lower and np.allclose(np.triu(factor).T @ np.triu(factor), good)
+    for bad, pattern in ((np.full((D_IN, D_IN), np.nan), "has non-finite"), (-good, "is not positive definite"),
+                         (np.diag([1.0] * (D_IN - 1) + [1e-30]), "is numerically singular")):
+        with pytest.raises(SingularSystemError, match=f"regularisers\\['l'\\] {pattern}"):
+            spd_factor(bad, "regularisers['l']")
+    assert rcond_threshold(D_IN) == D_IN * np.finfo(np.float64).eps
 
 
 def test_collab_edit_equals_global_edit_on_concatenated_keys(clients):

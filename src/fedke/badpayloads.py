@@ -9,6 +9,7 @@ carry ``delta``, ``kkt`` and ``rkt`` on at least two layers.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,8 +130,8 @@ def bad_payload_corpus(good: EditPayload) -> list[BadCase]:
         BadCase("negative eigenvalue", "not positive semi-definite", fit_res(negative_eigenvalue())),
         BadCase("absurd norm", "absurd norm", fit_res(_replace(a, 3, a[3] * np.float32(1e8)))),
         BadCase("empty reply", "empty reply", _raw([])),
-        BadCase("truncated bytes", "not plain NumPy arrays", truncated()),
-        BadCase("pickled object array", "not plain NumPy arrays", pickled()),
+        BadCase("truncated bytes", rf"array 1 \(layer {re.escape(repr(names[0]))} delta\): not a plain NumPy", truncated()),
+        BadCase("pickled object array", rf"array 1 \(layer {re.escape(repr(names[0]))} delta\): not a plain NumPy", pickled()),
         BadCase("error status", "reply status", fit_res(a, code=Code.FIT_NOT_IMPLEMENTED, message="boom")),
         BadCase("client raises", "RuntimeError", failure=RuntimeError("ClientApp raised ValueError: editing failed")),
         BadCase("client times out", "TimeoutError", failure=TimeoutError("no reply within round_timeout")),

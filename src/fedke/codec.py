@@ -26,7 +26,9 @@ plain numeric ndarrays, and object arrays are refused.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +38,7 @@ import scipy.linalg
 from fedke.payload import EditPayload, LayerPayload
 
 __all__ = [
+    "MAX_COUNT",
     "PAYLOAD_FORMAT",
     "UPDATE_FORMAT",
     "FORMAT_VERSION",
@@ -43,6 +46,7 @@ __all__ = [
     "PayloadError",
     "decode_layer_step",
     "decode_payload",
+    "decode_tensors",
     "decode_update",
     "encode_layer_step",
     "encode_payload",
@@ -51,6 +55,7 @@ __all__ = [
     "pack_upper",
     "payload_nbytes",
     "unpack_upper",
+    "payload_array_names",
     "validate_layer",
 ]
 
@@ -59,6 +64,9 @@ UPDATE_FORMAT = "fedke.update"
 FORMAT_VERSION = 1
 WIRE_DTYPES = ("float16", "float32", "float64")
 MAX_MANIFEST_BYTES = 1 << 20
+#: The largest count a manifest may carry (``n_edits``, ``residual_norms``, ``d_out``, ``d_in``): 2**53,
+#: the last integer float64 holds exactly, so every count converts to float without overflow or rounding.
+MAX_COUNT = 1 << 53
 _PAYLOAD_KEYS = frozenset({"format", "version", "dtype", "n_edits", "residual_norms", "layers"})
 _UPDATE_KEYS = frozenset({"format", "version", "dtype", "layers"})
 _LAYER_KEYS = frozenset({"name", "d_out", "d_in", "arrays"})
@@ -168,17 +176,29 @@ def _norm_limit(max_norm: float | Mapping[str, float] | None, array: str) -> flo
     return float(max_norm)
 
 
+def frobenius64(array: np.ndarray) -> float:
+    """The Frobenius norm of ``array`` in float64, without overflow: ``m * ||array / m||`` with
+    ``m = max |array|`` (a float32 array of entries near 1e30 has norm 1e30, not inf)."""
+    values = np.asarray(array, dtype=np.float64)
+    if values.size == 0:
+        return 0.0
+    peak = float(np.max(np.abs(values)))
+    if not np.isfinite(peak) or peak == 0.0:
+        return peak
+    return peak * float(np.linalg.norm(values / peak))
+
+
 def _check_norm(where: str, array: np.ndarray, limit: float | None) -> None:
     if limit is None:
         return
-    norm = float(np.linalg.norm(array))
+    norm = frobenius64(array)
     if not norm <= limit:
         raise PayloadError(f"{where}: absurd norm {norm:.6g} (Frobenius), above max_norm {limit:.6g}")
 
 
 def _check_symmetric(where: str, kkt: np.ndarray, tol: float) -> None:
-    scale = float(np.linalg.norm(kkt))
-    asymmetry = float(np.linalg.norm(kkt - kkt.T))
+    scale = frobenius64(kkt)
+    asymmetry = frobenius64(np.asarray(kkt, dtype=np.float64) - np.asarray(kkt, dtype=np.float64).T)
     if asymmetry > tol * max(scale, np.finfo(np.float64).tiny):
         raise PayloadError(
             f"{where}: not symmetric (||kkt - kkt^T|| / ||kkt|| = {asymmetry / max(scale, 1e-300):.3g} > {tol:g})"
@@ -269,14 +289,16 @@ def _read_manifest(arrays: Sequence[np.ndarray], fmt: str) -> dict[str, Any]:
         manifest = json.loads(head.tobytes().decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as error:
         raise PayloadError(f"manifest: not decodable as UTF-8 JSON (truncated or corrupt?): {error}") from None
+    except RecursionError:
+        raise PayloadError("manifest: JSON nested too deeply to decode") from None
     if not isinstance(manifest, dict):
         raise PayloadError(f"manifest: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != fmt:
-        raise PayloadError(f"manifest: wrong format {manifest.get('format')!r}, expected {fmt!r}")
+        raise PayloadError(f"manifest: wrong format {_short_repr(manifest.get('format'))}, expected {fmt!r}")
     if manifest.get("version") != FORMAT_VERSION:
-        raise PayloadError(f"manifest: unsupported version {manifest.get('version')!r}, expected {FORMAT_VERSION}")
+        raise PayloadError(f"manifest: unsupported version {_short_repr(manifest.get('version'))}, expected {FORMAT_VERSION}")
     if manifest.get("dtype") not in WIRE_DTYPES:
-        raise PayloadError(f"manifest: wrong dtype {manifest.get('dtype')!r}, expected one of {WIRE_DTYPES}")
+        raise PayloadError(f"manifest: wrong dtype {_short_repr(manifest.get('dtype'))}, expected one of {WIRE_DTYPES}")
     if not isinstance(manifest.get("layers"), list):
         raise PayloadError("manifest: 'layers' must be a list")
     return manifest
@@ -289,8 +311,18 @@ def _check_keys(where: str, mapping: Mapping[str, Any], allowed: frozenset[str])
         raise PayloadError(f"{where}: unexpected keys {extra} (allowed: {sorted(allowed)})")
 
 
+def _short_repr(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a count of 10**309 must not flood the log)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_count(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    """A JSON integer in ``[minimum, MAX_COUNT]`` (floats, booleans and huge integers are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= MAX_COUNT
 
 
 def _read_layer_entries(manifest: Mapping[str, Any], allowed: Sequence[Sequence[str]]) -> list[tuple[LayerSpec, list[str]]]:
@@ -306,10 +338,11 @@ def _read_layer_entries(manifest: Mapping[str, Any], allowed: Sequence[Sequence[
             raise PayloadError(f"manifest: layer {name!r} listed twice")
         seen.add(name)
         if not (_is_count(entry.get("d_out"), 1) and _is_count(entry.get("d_in"), 1)):
-            raise PayloadError(f"manifest: layer {name!r} needs positive integer d_out and d_in, got {entry}")
+            raise PayloadError(f"manifest: layer {name!r} needs positive integer d_out and d_in (at most {MAX_COUNT}), "
+                              f"got d_out={_short_repr(entry.get('d_out'))}, d_in={_short_repr(entry.get('d_in'))}")
         arrays = entry.get("arrays")
         if not isinstance(arrays, list) or list(arrays) not in [list(option) for option in allowed]:
-            raise PayloadError(f"manifest: layer {name!r} lists arrays {arrays!r}; expected one of {list(map(list, allowed))}")
+            raise PayloadError(f"manifest: layer {name!r} lists arrays {_short_repr(arrays, 80)}; expected one of {list(map(list, allowed))}")
         entries.append((LayerSpec(name, entry["d_out"], entry["d_in"]), list(arrays)))
     return entries
 
@@ -352,6 +385,76 @@ def _to_wire(where: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if not np.isfinite(wire).all():
         raise PayloadError(f"{where}: values overflow {dtype.name} (max |value| {float(np.abs(source).max()):.6g})")
     return wire
+
+
+# ----------------------------------------------------------------------------- Flower's byte tensors
+
+_NPY_VERSIONS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _load_npy(tensor: Any) -> np.ndarray:
+    """One ``.npy`` tensor as Flower's ``bytes_to_ndarray`` reads it, its header checked first.
+
+    The header must be format 1.0 or 2.0, its dtype must hold no Python objects, and the data that
+    follows must be exactly ``prod(shape) * itemsize`` bytes (a header announcing a huge shape over
+    a few bytes is refused before anything is allocated). Then ``np.load(allow_pickle=False)``.
+    """
+    if not isinstance(tensor, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected bytes, got {type(tensor).__name__}")
+    stream = io.BytesIO(bytes(tensor))
+    version = np.lib.format.read_magic(stream)
+    reader = _NPY_VERSIONS.get(tuple(version))
+    if reader is None:
+        raise ValueError(f"npy format version {version} is not accepted (1.0 or 2.0)")
+    shape, _fortran_order, dtype = reader(stream)
+    if dtype.hasobject:
+        raise ValueError(f"dtype {dtype} holds Python objects (would need pickle)")
+    announced = math.prod(shape) * dtype.itemsize
+    carried = len(stream.getbuffer()) - stream.tell()
+    if announced != carried:
+        raise ValueError(f"the header announces shape {shape} of {dtype} ({announced} bytes of data), "
+                         f"the tensor carries {carried}")
+    stream.seek(0)
+    return np.load(stream, allow_pickle=False)
+
+
+def payload_array_names(manifest: Any, count: int) -> list[str]:
+    """Names of the first ``count`` arrays of a reply by position, e.g. ``"array 2 (layer 'h.1' kkt)"``.
+
+    ``manifest`` is the reply's first array (or None); best effort: where the manifest cannot be
+    read (or says nothing about a position) the name is just ``"array i"``. Never raises.
+    """
+    roles: list[str] = ["manifest"]
+    try:
+        body = json.loads(np.asarray(manifest, dtype=np.uint8).tobytes().decode("utf-8"))
+        for entry in body["layers"]:
+            for array_name in entry["arrays"]:
+                array_name = "kkt" if array_name == "kkt_upper" else str(array_name)
+                roles.append(_where(str(entry["name"])[:80], array_name[:40]))
+        if body.get("format") == PAYLOAD_FORMAT:
+            roles.append("residual_norms")
+    except Exception:  # noqa: BLE001 - only names: a manifest that cannot be read gives positions
+        pass
+    return [f"array {i} ({roles[i]})" if i < len(roles) else f"array {i}" for i in range(count)]
+
+
+def decode_tensors(tensors: Any) -> list[np.ndarray]:
+    """Flower's ``Parameters.tensors`` as NumPy arrays, one ``.npy`` tensor at a time (never pickle).
+
+    A tensor that is not a plain ``.npy`` array (truncated, bad header, pickled object array, not
+    bytes) raises :class:`PayloadError` naming its position and, when the manifest (the first
+    array) can be read, the layer and array it stands for.
+    """
+    if not isinstance(tensors, (list, tuple)):
+        raise PayloadError(f"parameters: tensors must be a list of bytes, got {type(tensors).__name__}")
+    arrays: list[np.ndarray] = []
+    for index, tensor in enumerate(tensors):
+        try:
+            arrays.append(_load_npy(tensor))
+        except Exception as error:  # noqa: BLE001 - bytes from a client: anything can go wrong
+            where = payload_array_names(arrays[0] if arrays else None, index + 1)[index]
+            raise PayloadError(f"{where}: not a plain NumPy .npy array ({type(error).__name__}: {error})") from None
+    return arrays
 
 
 # ----------------------------------------------------------------------------- edit payloads
@@ -418,6 +521,7 @@ def decode_payload(
     symmetry_tol: float = 1e-5,
     psd_tol: float | None = 1e-6,
     require: Sequence[str] = (),
+    max_edits: int | None = None,
 ) -> EditPayload:
     """Validate and decode :func:`encode_payload`'s arrays into a float64 :class:`EditPayload`.
 
@@ -428,7 +532,10 @@ def decode_payload(
     ``-tol * max(1, trace)`` where ``tol = max(psd_tol, eps(wire dtype))`` (``psd_tol=None`` skips
     this ``O(d_in^3)`` check); a Frobenius norm above ``max_norm`` (a float for every array, or a
     mapping over ``"delta"``, ``"kkt"``, ``"rkt"``, ``"residual_norms"``); negative ``n_edits`` or
-    residual norms; a layer lacking an array named in ``require`` (``"delta"``, ``"rkt"``).
+    residual norms; a layer lacking an array named in ``require`` (``"delta"``, ``"rkt"``); counts
+    (``n_edits``, ``residual_norms``, ``d_out``, ``d_in``) that are not JSON integers in
+    ``[0, MAX_COUNT]``; ``n_edits`` above ``max_edits`` (the server's bound on one client's edits in
+    a round; None: no bound beyond ``MAX_COUNT``).
 
     Arrays not sent (``send_delta=False`` / ``send_rkt=False``) decode as ``None``.
     (Packed triangles are symmetric by construction, so ``symmetry_tol`` never fails here.)
@@ -437,10 +544,14 @@ def decode_payload(
     _check_keys("manifest", manifest, _PAYLOAD_KEYS)
     n_edits = manifest.get("n_edits")
     if not _is_count(n_edits, 0):
-        raise PayloadError(f"manifest: n_edits must be a non-negative integer, got {n_edits!r}")
+        raise PayloadError(f"manifest: n_edits must be a non-negative integer (at most {MAX_COUNT}), "
+                           f"got {_short_repr(n_edits)}")
+    if max_edits is not None and n_edits > max_edits:
+        raise PayloadError(f"manifest: n_edits {n_edits} exceeds the server's bound of {max_edits} edits per client")
     n_norms = manifest.get("residual_norms")
     if not _is_count(n_norms, 0):
-        raise PayloadError(f"manifest: residual_norms must be a non-negative integer count, got {n_norms!r}")
+        raise PayloadError(f"manifest: residual_norms must be a non-negative integer count (at most {MAX_COUNT}), "
+                           f"got {_short_repr(n_norms)}")
     entries = _read_layer_entries(manifest, _PAYLOAD_ARRAY_OPTIONS)
     _check_expected([spec for spec, _ in entries], expected)
     for spec, names in entries:

@@ -102,6 +102,8 @@ DETECTION_MODES = ("off", "hmac", "failures")
 TOKEN_HEX = 32  # 128 bits of HMAC-SHA256
 MIN_SECRET_BYTES = 16
 MAX_CLAIMS = 100_000
+#: The longest claims string accepted (a claim is about 80 characters of JSON).
+MAX_CLAIMS_CHARS = 200 * MAX_CLAIMS
 _TOKEN_RE = re.compile(rf"^[0-9a-f]{{{TOKEN_HEX}}}$")
 
 
@@ -189,18 +191,27 @@ def encode_claims(tokens: Sequence[tuple[str, str, float]], *, name: str = "", f
     return json.dumps(body, separators=(",", ":"))
 
 
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {token}")
+
+
 def decode_claims(text: Any) -> dict[str, Any]:
     """Parse and validate :func:`encode_claims`' string; ValueError naming what is wrong.
 
     Returns ``{"name": str, "claims": [(token, object_token, timestamp)], "failed": int | None}``.
+    Only ValueError is raised, whatever the input (deep nesting, huge strings, NaN included).
     """
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="strict")
     if not isinstance(text, str):
         raise ValueError(f"claims must be a JSON string, got {type(text).__name__}")
+    if len(text) > MAX_CLAIMS_CHARS:
+        raise ValueError(f"claims are {len(text)} characters long, more than the {MAX_CLAIMS_CHARS} allowed")
     try:
-        body = json.loads(text)
-    except json.JSONDecodeError as error:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("claims are JSON nested too deeply to decode") from None
+    except ValueError as error:  # JSONDecodeError, NaN / Infinity, integers too long to convert
         raise ValueError(f"claims are not valid JSON: {error}") from None
     if not isinstance(body, dict) or body.get("v") != 1:
         raise ValueError("claims must be an object with v = 1")
@@ -219,8 +230,8 @@ def decode_claims(text: Any) -> dict[str, Any]:
             raise ValueError(f"claim {index}: timestamp must be a finite number")
         claims.append((token, otoken, float(timestamp)))
     failed = body.get("failed")
-    if failed is not None and (isinstance(failed, bool) or not isinstance(failed, int) or failed < 0):
-        raise ValueError("failed must be a non-negative integer")
+    if failed is not None and (isinstance(failed, bool) or not isinstance(failed, int) or not 0 <= failed <= MAX_CLAIMS):
+        raise ValueError(f"failed must be an integer in [0, {MAX_CLAIMS}]")
     name = body.get("name", "")
     if not isinstance(name, str) or len(name) > 200:
         raise ValueError("name must be a string of at most 200 characters")
@@ -371,7 +382,8 @@ def decide(collision: Collision, policy: ResolutionPolicy) -> dict[Claim, str]:
 class ConflictCoordinator:
     """The server's conflict desk: collects claims, finds collisions, stages per-client decisions.
 
-    A strategy calls :meth:`observe` for every accepted reply of a round, :meth:`end_round` once
+    A strategy calls :meth:`observe` (or :meth:`read_claims` before merging and :meth:`record` once
+    merged) for every accepted reply of a round, :meth:`end_round` once
     after the merge (its metrics go into the round's metrics) and :meth:`fit_config` per client
     when configuring the next round. It sees tokens, timestamps and counts only.
 
@@ -400,15 +412,37 @@ class ConflictCoordinator:
         self.decisions: list[tuple[int, Claim, str]] = []
 
     def observe(self, server_round: int, client: str, metrics: Mapping[str, Any] | None) -> int:
-        """Record one reply's claims (if any); returns how many. A malformed claims string is
-        ignored with a ValueError naming the client (the caller logs it, the payload still merges)."""
-        self._arrival += 1
-        if not metrics or CLAIMS_KEY not in metrics:
-            return 0
+        """Record one reply's claims (if any); returns how many. Malformed claims raise a ValueError
+        naming the client and record nothing (:meth:`read_claims` then :meth:`record`)."""
         try:
-            body = decode_claims(metrics[CLAIMS_KEY])
+            body = self.read_claims(metrics)
         except ValueError as error:
+            self._arrival += 1
             raise ValueError(f"client {client}: {error}") from None
+        return self.record(server_round, client, body)
+
+    def read_claims(self, metrics: Any) -> dict[str, Any] | None:
+        """The decoded claims of one reply's fit metrics (:func:`decode_claims`), None without any.
+
+        Raises ValueError naming the metrics key when they are malformed (a strategy rejects that
+        reply before merging it); changes nothing.
+        """
+        if metrics is None:
+            return None
+        if not isinstance(metrics, Mapping):
+            raise ValueError(f"metrics: expected a dict, got {type(metrics).__name__}")
+        if CLAIMS_KEY not in metrics:
+            return None
+        try:
+            return decode_claims(metrics[CLAIMS_KEY])
+        except ValueError as error:
+            raise ValueError(f"metrics[{CLAIMS_KEY!r}]: {error}") from None
+
+    def record(self, server_round: int, client: str, body: Mapping[str, Any] | None) -> int:
+        """Record claims :meth:`read_claims` returned for an accepted reply (None: none); returns how many."""
+        self._arrival += 1
+        if body is None:
+            return 0
         name = body["name"] or str(client)
         for slot, (token, otoken, timestamp) in enumerate(body["claims"]):
             self._round_claims.append(Claim(str(client), name, int(server_round), token, otoken, timestamp,

@@ -4,7 +4,8 @@ Pure functions, arrays in and arrays out (NumPy + SciPy only). Conventions follo
 :mod:`fedke.payload`: a layer ``W`` is ``(d_out, d_in)`` with ``v = W k``; keys ``K`` are
 ``(d_in, M)``, residuals ``R`` are ``(d_out, M)``, ``A0 = lam * C`` is the ``(d_in, d_in)``
 regulariser. Everything is accumulated in float64; every linear solve goes through
-:func:`solve_right` (Cholesky, never an explicit inverse).
+:func:`solve_right` (Cholesky, never an explicit inverse, never a fallback: a matrix that is not
+symmetric positive definite or is numerically singular raises :class:`SingularSystemError`).
 
 Equations (NOTES.md section 1, CollabEdit paper numbering):
 
@@ -18,7 +19,6 @@ Equations (NOTES.md section 1, CollabEdit paper numbering):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -28,6 +28,7 @@ import scipy.linalg
 __all__ = [
     "MERGE_METHODS",
     "MergeMethod",
+    "SingularSystemError",
     "collab_edit",
     "collab_edit_from_sums",
     "collab_sums",
@@ -36,8 +37,10 @@ __all__ = [
     "merge_deltas",
     "residual_after_repeat",
     "rkt_from_delta",
+    "rcond_threshold",
     "simple_average",
     "solve_right",
+    "spd_factor",
     "task_arithmetic",
     "ties",
     "trim_threshold",
@@ -72,50 +75,80 @@ def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
 # ----------------------------------------------------------------------------- the one solve
 
 
-def _factorise(gram: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """A function ``rhs -> X`` with ``X @ gram = rhs`` for the symmetric ``gram``, factorised once.
+class SingularSystemError(np.linalg.LinAlgError):
+    """A linear system of the merge is not (numerically) symmetric positive definite.
 
-    Cholesky (``gram`` positive definite, the normal case: ``A0 + K K^T`` with ``A0`` PD). If
-    Cholesky fails, falls back with a RuntimeWarning to a symmetric-indefinite solve and, if that
-    is singular too, to least squares. Never forms an inverse.
+    Raised instead of any fallback: the message names the matrix (and the layer, when the caller
+    gives it) and says whether Cholesky failed or the reciprocal condition number is too small.
+    A subclass of :class:`numpy.linalg.LinAlgError` (hence of ``ValueError``).
     """
+
+
+def rcond_threshold(n: int) -> float:
+    """The smallest reciprocal 1-norm condition number a solve of order ``n`` accepts: ``n * eps``.
+
+    Below it the forward-error bound of a float64 Cholesky solve, about ``n * eps * cond``,
+    exceeds 1: the solution may have no correct digit, so the matrix is treated as singular.
+    """
+    return max(1, int(n)) * float(np.finfo(np.float64).eps)
+
+
+def spd_factor(matrix: np.ndarray, what: str = "gram", *, overwrite: bool = False) -> tuple[np.ndarray, bool]:
+    """The Cholesky factor of the symmetric ``matrix`` (``scipy.linalg.cho_factor`` form), checked.
+
+    Raises :class:`SingularSystemError` naming ``what`` when ``matrix`` is not finite, when
+    Cholesky fails (not positive definite, or exactly singular) or when the LAPACK estimate of its
+    reciprocal 1-norm condition number (``dpocon``) is below :func:`rcond_threshold` (nearly
+    singular: a solve would return noise). Only the upper triangle is read. ``overwrite=True``
+    lets the factorisation reuse ``matrix``'s memory (float64, C- or F-contiguous input).
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    n = matrix.shape[0]
+    if not np.isfinite(matrix).all():
+        raise SingularSystemError(f"{what} has non-finite values")
+    anorm = float(np.abs(matrix).sum(axis=0).max()) if n else 0.0
     try:
-        factor = scipy.linalg.cho_factor(gram, lower=False, check_finite=True)
-    except np.linalg.LinAlgError:
-        pass
-    else:
-        # X gram = rhs  <=>  gram X^T = rhs^T  (gram symmetric)
-        return lambda rhs: scipy.linalg.cho_solve(factor, rhs.T, check_finite=False).T
-
-    warnings.warn(
-        "gram matrix is not positive definite (Cholesky failed); falling back to a symmetric "
-        "indefinite solve. Check the regulariser lam*C.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-    def fallback(rhs: np.ndarray) -> np.ndarray:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
-                return scipy.linalg.solve(gram, rhs.T, assume_a="sym", check_finite=False).T
-        except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning):
-            warnings.warn("gram matrix is singular; using a least-squares solution", RuntimeWarning, stacklevel=4)
-            return scipy.linalg.lstsq(gram, rhs.T, check_finite=False)[0].T
-
-    return fallback
+        factor = scipy.linalg.cho_factor(matrix, lower=False, overwrite_a=overwrite, check_finite=False)
+    except np.linalg.LinAlgError as error:
+        raise SingularSystemError(
+            f"{what} is not positive definite (Cholesky failed: {error}); it must be symmetric positive "
+            f"definite (A = lam C positive definite, every K K^T positive semi-definite)"
+        ) from None
+    if n:
+        rcond, info = scipy.linalg.lapack.dpocon(factor[0], anorm, uplo="U")
+        if info != 0 or not rcond >= rcond_threshold(n):
+            raise SingularSystemError(
+                f"{what} is numerically singular: reciprocal condition number {float(rcond):.3g} below "
+                f"{rcond_threshold(n):.3g} (n eps); a solve would return noise"
+            )
+    return factor
 
 
-def solve_right(rhs: np.ndarray, gram: np.ndarray) -> np.ndarray:
+def _factorise(gram: np.ndarray, what: str = "gram") -> Callable[[np.ndarray], np.ndarray]:
+    """A function ``rhs -> X`` with ``X @ gram = rhs`` for the symmetric positive definite ``gram``.
+
+    Factorised once by Cholesky (:func:`spd_factor`); a ``gram`` that is not positive definite or
+    is numerically singular raises :class:`SingularSystemError`: there is no fallback (a
+    least-squares or indefinite solve of ``A0 + K K^T`` would hide a wrong regulariser or a bad
+    payload). Never forms an inverse.
+    """
+    factor = spd_factor(gram, what)
+    # X gram = rhs  <=>  gram X^T = rhs^T  (gram symmetric)
+    return lambda rhs: scipy.linalg.cho_solve(factor, rhs.T, check_finite=False).T
+
+
+def solve_right(rhs: np.ndarray, gram: np.ndarray, *, what: str = "gram") -> np.ndarray:
     """``X`` with ``X @ gram = rhs``, i.e. ``X = rhs gram^-1`` for symmetric positive definite ``gram``.
 
     ``rhs`` is ``(d_out, d_in)``, ``gram`` is ``(d_in, d_in)``. Solved as ``gram X^T = rhs^T`` by
-    Cholesky in float64 (fallbacks: symmetric solve, then least squares, each with a warning).
+    Cholesky in float64. A ``gram`` that is not positive definite, or whose reciprocal condition
+    number is below ``d_in * eps``, raises :class:`SingularSystemError` naming ``what`` (no
+    fallback, no inverse).
     """
     rhs = _as_float64("rhs", rhs, 2)
     gram = _as_float64("gram", gram, 2)
     _check_square("gram", gram, rhs.shape[1])
-    return _factorise(gram)(rhs)
+    return _factorise(gram, what)(rhs)
 
 
 # ----------------------------------------------------------------------------- closed forms
@@ -197,18 +230,21 @@ def collab_sums(
     return delta_sum @ regulariser + products, kkt_sum
 
 
-def collab_edit_from_sums(rkt_sum: np.ndarray, kkt_sum: np.ndarray, regulariser: np.ndarray) -> np.ndarray:
+def collab_edit_from_sums(rkt_sum: np.ndarray, kkt_sum: np.ndarray, regulariser: np.ndarray, *,
+                          what: str = "A0 + G") -> np.ndarray:
     """CollabEdit from the two sums: ``Delta_G = S (A0 + G)^-1`` (Lemma 1 with ``Delta_i (A0 + K_iK_i^T) = R_iK_i^T``).
 
     ``rkt_sum`` S = sum_i R_i K_i^T ``(d_out, d_in)``; ``kkt_sum`` G = sum_i K_i K_i^T ``(d_in, d_in)``.
-    These sums are what secure aggregation gives the server.
+    These sums are what secure aggregation gives the server. ``A0 + G`` must be symmetric positive
+    definite and not numerically singular, else :class:`SingularSystemError` naming ``what`` (e.g.
+    ``"layer 'h.1' A_t + sum K K^T"``).
     """
     rkt_sum = _as_float64("rkt_sum", rkt_sum, 2)
     kkt_sum = _as_float64("kkt_sum", kkt_sum, 2)
     regulariser = _as_float64("regulariser", regulariser, 2)
     _check_square("kkt_sum", kkt_sum, rkt_sum.shape[1])
     _check_square("regulariser", regulariser, rkt_sum.shape[1])
-    return solve_right(rkt_sum, regulariser + kkt_sum)
+    return solve_right(rkt_sum, regulariser + kkt_sum, what=what)
 
 
 def collab_edit(
