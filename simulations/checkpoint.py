@@ -197,7 +197,11 @@ def _columns_to_rows(columns: Mapping[str, Sequence]) -> list[dict[str, Any]]:
 
 
 def _canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    """``value`` as canonical JSON: first through JSON and back (so non-string keys become the
+    strings a loaded file holds, and sorting never compares an int with a str), then sorted keys,
+    no spaces, ASCII."""
+    normalised = json.loads(json.dumps(value))
+    return json.dumps(normalised, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def manifest_checksum(manifest: Mapping[str, Any]) -> str:
