@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from logging import INFO
+from logging import ERROR, INFO
 from typing import Any
 
 from flwr.app import Message
@@ -159,19 +159,31 @@ def stream_fit(
 
 
 def _feed(aggregation: Any, proxy: ClientProxy, reply: Message) -> bool:
-    """One reply into the aggregation, as the legacy ``fit_clients`` sorts it; True if a failure."""
-    if reply.has_error():
-        aggregation.add_failure(_error_failure(reply))
-        return True
+    """One reply into the aggregation, as the legacy ``fit_clients`` sorts it; True if a failure.
+
+    Never raises for a reply: one that cannot be read becomes a failure of its node, and the
+    aggregation validates (and rejects) the rest. Should ``add_reply`` itself raise (a bug, since it
+    rejects bad replies), the error is logged and counted as that node's failure, and the round goes on.
+    """
     try:
+        if reply.has_error():
+            aggregation.add_failure(_error_failure(reply))
+            return True
         fit_res = compat.recorddict_to_fitres(reply.content, keep_input=False)
+        status_ok = fit_res.status.code == Code.OK
     except Exception as failure:  # noqa: BLE001 - the legacy proxy raises it in the client's thread
         aggregation.add_failure(failure)
         return True
-    if fit_res.status.code != Code.OK:
+    if not status_ok:
         aggregation.add_failure((proxy, fit_res))
         return True
-    aggregation.add_reply(proxy, fit_res)
+    try:
+        aggregation.add_reply(proxy, fit_res)
+    except Exception as failure:  # noqa: BLE001 - the last net: one reply never ends the round
+        log(ERROR, "streamed fit: handling the reply of node %s raised %s", getattr(proxy, "node_id", "?"),
+            type(failure).__name__)
+        aggregation.add_failure(failure)
+        return True
     return False
 
 

@@ -202,7 +202,7 @@ def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> str:
         try:
             proxy, reply = failure
         except Exception:  # noqa: BLE001 - not a pair
-            return _short(_safe_text(failure, use_repr=True))
+            return _short(f"unrecognised failure entry ({type(failure).__name__}): {_safe_text(failure, use_repr=True)}")
         status = getattr(reply, "status", None)
         if status is not None:
             code = getattr(status, "code", None)

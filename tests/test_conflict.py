@@ -389,3 +389,18 @@ def test_conflict_rounds_under_flwr_run_match_the_in_process_loop(tiny_bed, cach
         for key in keys:
             assert flower[metrics["server_round"], key] == metrics[key], key
     assert flower[2, "n_edits"] > flower[1, "n_edits"]  # round 2 carries the winners' augmented re-edits
+
+
+def test_claims_that_would_raise_something_else_raise_value_error():
+    """Issue 21: deeply nested claims raised RecursionError out of the coordinator (and the ServerApp)."""
+    for text in ("[" * 100_000 + "]" * 100_000, '{"v": 1, "claims": ' + "[" * 50_000 + "]" * 50_000 + "}",
+                 "x" * (201 * 100_000), '{"v": 1, "claims": [], "failed": 10000000000000000000000}', b"\xff\xfe"):
+        with pytest.raises(ValueError):
+            decode_claims(text)
+    coordinator = ConflictCoordinator()
+    with pytest.raises(ValueError, match=r"client 3: metrics\['fedke.conflict.claims'\]: claims are JSON nested too deeply"):
+        coordinator.observe(1, "3", {CLAIMS_KEY: "[" * 100_000})
+    with pytest.raises(ValueError, match="expected a dict"):
+        coordinator.read_claims(["not", "a", "dict"])
+    assert coordinator.read_claims(None) is None and coordinator.read_claims({}) is None
+    assert coordinator.end_round(1)["conflict_claims"] == 0

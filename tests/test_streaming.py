@@ -471,3 +471,19 @@ def test_synthetic_app_streams_through_simulation_and_a_real_deployment(tmp_path
     got = json.loads(report.read_text())["rounds"][-1]
     assert (got["n_accepted"], got["n_failures"], got["applied"], got["n_edits"]) == (1, 2, 1.0, 4)
     assert "streaming their replies" in result.log_text and "round 1: client failure" in result.log_text
+
+
+def test_a_bad_count_metric_is_rejected_in_the_stream_not_raised():
+    """Issue 21: ``n_skipped = NaN`` made ``int(...)`` raise out of add_reply and stream_fit (the ServerApp died)."""
+    bad = good_res(2)
+    bad = FitRes(bad.status, bad.parameters, bad.num_examples, {"n_skipped": float("nan")})
+    grid = FakeGrid({1: lambda m: good_res(1), 2: lambda m: bad, 3: lambda m: good_res(3)})
+    strategy = collab(n=3)
+    _, metrics, _ = servers(strategy, grid, streaming=True).fit_round(1, timeout=None)
+    assert metrics["applied"] and metrics["n_accepted"] == 2 and metrics["n_rejected"] == 1
+    (cid, why), = strategy.last_rejections
+    assert "metrics['n_skipped']" in why, why
+    only_good = collab()
+    only_good.aggregate_fit(1, [(SimpleNamespace(cid=str(n)), good_res(n)) for n in sorted(grid.reply_order) if n != 2], [])
+    for name in only_good.global_update:
+        np.testing.assert_allclose(strategy.global_update[name], only_good.global_update[name], rtol=1e-13, atol=1e-15)

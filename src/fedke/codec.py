@@ -397,7 +397,8 @@ def _load_npy(tensor: Any) -> np.ndarray:
 
     The header must be format 1.0 or 2.0, its dtype must hold no Python objects, and the data that
     follows must be exactly ``prod(shape) * itemsize`` bytes (a header announcing a huge shape over
-    a few bytes is refused before anything is allocated). Then ``np.load(allow_pickle=False)``.
+    a few bytes is refused before anything is allocated). The array is then what
+    ``np.load(allow_pickle=False)`` returns (a writable copy, C or Fortran order as sent).
     """
     if not isinstance(tensor, (bytes, bytearray, memoryview)):
         raise TypeError(f"expected bytes, got {type(tensor).__name__}")
@@ -406,16 +407,21 @@ def _load_npy(tensor: Any) -> np.ndarray:
     reader = _NPY_VERSIONS.get(tuple(version))
     if reader is None:
         raise ValueError(f"npy format version {version} is not accepted (1.0 or 2.0)")
-    shape, _fortran_order, dtype = reader(stream)
+    shape, fortran_order, dtype = reader(stream)
     if dtype.hasobject:
         raise ValueError(f"dtype {dtype} holds Python objects (would need pickle)")
-    announced = math.prod(shape) * dtype.itemsize
-    carried = len(stream.getbuffer()) - stream.tell()
+    count = math.prod(shape)
+    announced = count * dtype.itemsize
+    offset = stream.tell()
+    data = stream.getbuffer()
+    carried = len(data) - offset
     if announced != carried:
         raise ValueError(f"the header announces shape {shape} of {dtype} ({announced} bytes of data), "
                          f"the tensor carries {carried}")
-    stream.seek(0)
-    return np.load(stream, allow_pickle=False)
+    # what np.load(allow_pickle=False) builds, without parsing the header twice
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    array = array.reshape(shape[::-1]).transpose() if fortran_order else array.reshape(shape)
+    return np.array(array, copy=True, order="K")
 
 
 def payload_array_names(manifest: Any, count: int) -> list[str]:
