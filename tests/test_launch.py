@@ -394,7 +394,7 @@ def test_cli_unknown_run_config_key_fails_before_starting(tmp_path, capsys):
 def test_cli_config_parsing_merges_presets_and_overrides(tmp_path):
     preset = tmp_path / "preset.toml"
     preset.write_text('num-server-rounds = 3\nlabel = "preset"\n[sub]\nx = 1.5\n')
-    merged = launch._parse_cli_config([str(preset), "label='cli x' fail=true"])
+    merged = launch.read_overrides([str(preset), "label='cli x' fail=true"])
     assert merged == {"num-server-rounds": 3, "label": "cli x", "fail": True, "sub.x": 1.5}
     expected = {"num-server-rounds": 3, "label": "preset", "sub.x": 1.5}
     assert launch.load_run_config(preset) == expected

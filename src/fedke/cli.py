@@ -41,25 +41,16 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overrides(pairs: list[str]) -> dict[str, object]:
-    import tomllib
-
-    values: dict[str, object] = {}
-    for pair in pairs:
-        for item in pair.split():
-            key, _, raw = item.partition("=")
-            try:
-                values[key] = tomllib.loads(f"v = {raw}")["v"]
-            except tomllib.TOMLDecodeError:
-                values[key] = raw
-    return values
-
-
 def _compare(args: argparse.Namespace) -> int:
     from fedke.simulations.inprocess import compare_methods
-    from fedke.simulations.scenario import Scenario
+    from fedke.simulations.launch import read_overrides
+    from fedke.simulations.scenario import ConfigError, Scenario
 
-    scenario = Scenario.from_preset(args.preset, **{k.replace("-", "_"): v for k, v in _overrides(args.config).items()})
+    try:
+        overrides = read_overrides(args.config)
+    except ValueError as err:  # a -c argument that is neither key=value pairs nor a TOML file
+        raise ConfigError(str(err)) from None
+    scenario = Scenario.from_preset(args.preset, **{k.replace("-", "_"): v for k, v in overrides.items()})
     comparison = compare_methods(scenario)
     comparison.writer.write()
     comparison.writer.print_summary(f"fedke compare: {scenario.num_clients} clients x {scenario.edits_per_client} edits")
@@ -67,18 +58,25 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Check the whole run config (pyproject defaults + ``-c``) as a Scenario first: a bad key or
+    value is refused here, naming it, before any SuperLink starts."""
     import tomllib
     from pathlib import Path
 
-    from fedke.simulations.launch import _parse_cli_config
     from fedke.simulations.launch import main as launch_main
+    from fedke.simulations.launch import read_overrides
+    from fedke.simulations.scenario import ConfigError, Scenario
 
-    num_supernodes = args.num_supernodes
-    if num_supernodes is None:  # one SuperNode per client of the scenario
-        pyproject = tomllib.loads((Path(args.app_dir) / "pyproject.toml").read_text())
-        config = dict(pyproject["tool"]["flwr"]["app"].get("config", {}))
-        config.update(_parse_cli_config(args.config))
-        num_supernodes = int(config.get("num-clients", 2))
+    pyproject = Path(args.app_dir) / "pyproject.toml"
+    if not pyproject.is_file():
+        raise ConfigError(f"no pyproject.toml in {args.app_dir} (the Flower app directory)")
+    app = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
+    try:
+        config = {**app.get("config", {}), **read_overrides(args.config)}
+    except ValueError as err:  # a -c argument that is neither key=value pairs nor a TOML file
+        raise ConfigError(str(err)) from None
+    scenario = Scenario.from_run_config(config)
+    num_supernodes = args.num_supernodes or scenario.num_clients  # one SuperNode per client
     argv = [args.app_dir, "--num-supernodes", str(num_supernodes)]
     for pair in args.config:
         argv += ["-c", pair]
@@ -115,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    from fedke.data.records import RecordError
+    from fedke.simulations.scenario import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, RecordError) as err:  # they name the key / file / record at fault
+        print(f"fedke {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
