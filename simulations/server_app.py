@@ -36,7 +36,8 @@ def build_strategy(scenario: Scenario, *, evaluate: bool = True, writer: Results
     specs = [LayerSpec(name, *shape) for name, shape in editor.layer_shapes().items()]
     n = scenario.effective_clients if wait_for_clients else 0
     kwargs = dict(layer_specs=specs, min_fit_clients=n, min_evaluate_clients=n, min_available_clients=n,
-                  fraction_evaluate=1.0 if wait_for_clients else 0.0, wire_dtype=scenario.wire_dtype, **scenario.strategy_kwargs())
+                  fraction_evaluate=1.0 if wait_for_clients else 0.0, wire_dtype=scenario.wire_dtype,
+                  max_edits_per_client=scenario.max_edits_per_client, **scenario.strategy_kwargs())
     if scenario.strategy_class_name == "collabedit":
         kwargs["regularisers"] = editor.regularisers()
     if scenario.conflict_detection != "off":
@@ -65,7 +66,7 @@ def _secagg_strategy(scenario: Scenario, bed, specs, kwargs):
     weights = {spec.name: weight_matrix(get_module(bed.model, spec.name)).detach().double().cpu().numpy()
                for spec in specs}
     bounds = default_bounds(kwargs["regularisers"], weights, lam=scenario.settings.memit.lam,
-                            max_edits=scenario.edits_per_client + scenario.conflict_pairs, clip=scenario.secagg_clip)
+                            max_edits=scenario.max_edits_per_client, clip=scenario.secagg_clip)
     return CollabEditSecAgg(bounds=bounds, max_clients=scenario.num_clients, **kwargs)
 
 
