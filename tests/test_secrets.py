@@ -58,6 +58,21 @@ def test_a_scenario_never_prints_its_secret():
     assert SECRET not in repr(scenario) and SECRET not in str(scenario)
 
 
+
+def test_a_client_conflict_agent_never_prints_its_secret():
+    """A client logging its ConflictAgent must not leak the federation secret."""
+    from fedke.conflict import ConflictAgent
+
+    agent = ConflictAgent(secret=SECRET.encode())
+    assert SECRET not in repr(agent) and SECRET.encode().hex() not in repr(agent)
+
+
+def test_a_scenario_fingerprint_does_not_depend_on_its_secret():
+    """A short hash of a weak secret could be matched against guesses: the fingerprint leaves it out."""
+    world = Scenario(model="world", conflict_detection="hmac", conflict_secret=SECRET)
+    assert world.fingerprint() == replace(world, conflict_secret="another-secret-of-16-bytes").fingerprint()
+    assert world.fingerprint() != replace(world, num_clients=3).fingerprint()
+
 def test_the_checkpoint_fingerprint_records_whether_a_secret_is_set_not_its_value():
     from fedke.simulations.checkpoint import fingerprint_config, run_fingerprint
 

@@ -539,7 +539,7 @@ class ConflictAgent:
         The client's declared name (priority lists).
     """
 
-    secret: bytes
+    secret: bytes = field(repr=False)  # never in logs
     mode: str = "hmac"
     policy: ResolutionPolicy = field(default_factory=FCFS)
     augment: Callable[[EditRequest], list[EditRequest]] | None = None
