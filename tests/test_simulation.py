@@ -156,3 +156,14 @@ def test_compare_methods_is_table_1(tiny):
     assert abs(summary.loc["CollabEdit", "Score"] - summary.loc["GlobalEdit", "Score"]) <= 0.5
     assert summary.loc["Unedited", "ES"] <= 10
     assert summary.loc["FedAvg", "Score"] < summary.loc["GlobalEdit", "Score"]
+
+
+def test_the_strategy_bounds_a_reply_by_the_scenarios_edits_per_client(tiny):
+    """A client may count its share plus every conflicting twin, no more (FedAvg weighs by it)."""
+    from fedke.simulations.server_app import build_strategy
+
+    fedavg = replace(tiny, strategy="fedavg", conflict_pairs=1)
+    strategy = build_strategy(fedavg, evaluate=False, wait_for_clients=False)
+    assert strategy.max_edits_per_client == fedavg.edits_per_client + 1
+    assert replace(tiny, strategy="global").max_edits_per_client == tiny.num_clients * tiny.edits_per_client
+    assert replace(tiny, conflict_detection="hmac").max_edits_per_client is None  # winners re-edit, augmented
