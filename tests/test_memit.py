@@ -157,6 +157,15 @@ def test_dynamic_regulariser_override(tiny_bed):
     assert np.linalg.norm(b.layers[name].delta) < np.linalg.norm(a.layers[name].delta)
 
 
+def test_a_regulariser_that_is_not_positive_definite_is_refused_naming_the_layer(tiny_bed):
+    """No silent fallback to a general solve (issue 21 item 9): the error names the layer."""
+    editor = tiny_bed.editor()
+    name = editor.layer_names[-1]
+    negative = {name: -editor.regularisers()[name]}
+    with pytest.raises(merge.SingularSystemError, match=repr(name)):
+        editor.edit(_requests(tiny_bed, 3), regularisers=negative)
+
+
 @pytest.mark.parametrize("mode", ["decoupled", "sequential"])
 def test_passes_repeat_the_edit_with_fixed_targets_on_the_edited_model(tiny_bed, mode):
     requests = _requests(tiny_bed, 6)

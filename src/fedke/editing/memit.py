@@ -42,6 +42,7 @@ import torch
 from fedke.data.records import EditRequest, RecordError
 from fedke.editing.presets import LayerPreset, get_module, preset_for
 from fedke.editing.weights import apply_update, layer_shape, revert_update
+from fedke.merge import SingularSystemError
 from fedke.payload import EditPayload, LayerPayload
 
 log = logging.getLogger(__name__)
@@ -340,7 +341,7 @@ class MemitEditor:
                     keys = keys_all[name]  # (d_in, M) float64
                     remaining = n_layers - i if self.config.residual_split == "remaining" else n_layers
                     residuals = (targets - current_all).T.to(torch.float64) / remaining  # (d_out, M)
-                    layers[name] = _solve_layer(residuals, keys, torch.as_tensor(regs[name], device=keys.device))
+                    layers[name] = _solve_layer(residuals, keys, torch.as_tensor(regs[name], device=keys.device), name)
                     if not passes:  # the internals are the first pass's
                         internals.keys[name] = keys.cpu().numpy()
                         internals.residuals[name] = residuals.cpu().numpy()
@@ -389,7 +390,7 @@ class MemitEditor:
         n_layers = len(self.layer_names)
         remaining = n_layers - layer_index if self.config.residual_split == "remaining" else n_layers
         residuals = (targets.z.to(self.device) - current).T.to(torch.float64) / remaining
-        return _solve_layer(residuals, keys_all[name], torch.as_tensor(reg, device=self.device))
+        return _solve_layer(residuals, keys_all[name], torch.as_tensor(reg, device=self.device), name)
 
     # ------------------------------------------------------------------ checks
     def _check_requests(self, requests: Sequence[EditRequest]) -> None:
@@ -602,17 +603,21 @@ def _ridged(cov: np.ndarray, ridge: float) -> np.ndarray:
     return cov + ridge * (np.trace(cov) / cov.shape[0]) * np.eye(cov.shape[0])
 
 
-def _solve_layer(residuals: torch.Tensor, keys: torch.Tensor, regulariser: torch.Tensor) -> LayerPayload:
-    """Delta = R K^T (A0 + K K^T)^-1 by Cholesky, float64; returns the layer's payload."""
+def _solve_layer(residuals: torch.Tensor, keys: torch.Tensor, regulariser: torch.Tensor, name: str) -> LayerPayload:
+    """Delta = R K^T (A0 + K K^T)^-1 by Cholesky, float64; returns the layer's payload.
+
+    A system that is not positive definite raises :class:`fedke.merge.SingularSystemError` naming
+    the layer (the merge's policy: no fallback, no inverse).
+    """
     kkt = keys @ keys.T
     rkt = residuals @ keys.T
     gram = regulariser.to(torch.float64) + kkt
     gram = 0.5 * (gram + gram.T)
     factor, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0:
-        delta = torch.cholesky_solve(rkt.T, factor).T  # gram symmetric: X gram = rkt  <=>  gram X^T = rkt^T
-    else:
-        delta = torch.linalg.solve(gram, rkt.T).T
+    if int(info) != 0:
+        raise SingularSystemError(f"layer {name!r}: A0 + K K^T is not positive definite (Cholesky failed at "
+                                  f"order {int(info)}); check the covariance statistics and lam")
+    delta = torch.cholesky_solve(rkt.T, factor).T  # gram symmetric: X gram = rkt  <=>  gram X^T = rkt^T
     return LayerPayload(delta=delta.cpu().numpy(), kkt=kkt.cpu().numpy(), rkt=rkt.cpu().numpy())
 
 
