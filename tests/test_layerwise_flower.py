@@ -387,7 +387,7 @@ def test_passes_need_the_layerwise_protocol_and_the_same_setting_on_both_sides(s
     with pytest.raises(ValueError, match="needs the layer-wise protocol"):
         replace(sequential, passes=2, layerwise="false")
     for bad in (0, -1):
-        with pytest.raises(ValueError, match="passes must be a positive integer"):
+        with pytest.raises(ValueError, match="passes must be at least 1"):
             replace(sequential, passes=bad)
     assert replace(sequential, passes=3, strategy="ties", editor_mode="decoupled").passes == 3  # baselines merge deltas
     assert "passes" not in fingerprint_config(sequential)

@@ -27,7 +27,7 @@ def test_forgetting_keys_are_validated():
         Scenario(model="world", covariance="adaptive")
     with pytest.raises(ValueError, match="old-relations must be in 1..world-relations - 1"):
         Scenario(model="world", forgetting=True, old_relations=5)
-    with pytest.raises(ValueError, match="beta0 must be > 0"):
+    with pytest.raises(ValueError, match="beta0 must be greater than 0"):
         Scenario(model="world", covariance="dynamic", beta0=0.0)
     with pytest.raises(ValueError, match="resume = true needs checkpoint-dir"):
         Scenario(model="world", resume=True)
