@@ -3,12 +3,14 @@
 For requests j = 1..M and edited layers l_1 < ... < l_L:
 
 1. **Targets.** One additive vector ``delta_j`` at the fact token of the last edited layer's
-   output is optimised, *for all requests as one batch*, to maximise ``log p(target_new)`` over
-   the request prompt and its context prefixes, plus ``kl_factor`` x KL on ``"{subject} is a"``
-   and a weight decay, with ``||delta_j||`` clamped to ``clamp_norm_factor * ||h_j||`` and an
-   early stop once every request's NLL is below ``loss_stop``. ``z_j = h_j + delta_j``.
+   output is optimised per request (as the reference's ``compute_z``; here many requests share each
+   forward and backward pass) to maximise ``log p(target_new)`` over the request prompt and its
+   context prefixes, plus ``kl_factor`` x KL(p || p_init) on ``"{subject} is a"`` and a weight
+   decay, with ``||delta_j||`` clamped to ``clamp_norm_factor * ||h_j||``; request j stops once its
+   loss is below ``loss_stop``. ``z_j = h_j + delta_j``. Each step runs only the blocks above the
+   last edited layer and the LM head where the loss reads it.
 2. **Keys** ``K_l`` (d_in x M): the edited projection's input at the fact token, averaged over
-   the context prefixes.
+   the contexts as the reference groups them (the plain prompt 1/2, the prefixes 1/2).
 3. **Residuals** ``R_l`` (d_out x M): ``(z - h_L(current model)) / (L - i)`` (``"remaining"``, the
    reference) or ``/ L`` (``"even"``).
 4. **Solve** ``Delta_l = R_l K_l^T (lam C_l + K_l K_l^T)^-1`` in float64 by Cholesky.
@@ -34,13 +36,13 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from fedke.data.records import EditRequest, RecordError
-from fedke.editing.presets import LayerPreset, get_module, preset_for
+from fedke.editing.presets import LayerPreset, get_module, num_layers, preset_for
 from fedke.editing.weights import apply_update, layer_shape, revert_update
 from fedke.merge import SingularSystemError
 from fedke.payload import EditPayload, LayerPayload
@@ -49,6 +51,10 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["decoupled", "sequential"]
 FactToken = Literal["last", "subject_last"]
+EarlyStop = Literal["loss", "nll"]
+KlDirection = Literal["edited||initial", "initial||edited"]
+KeyWeighting = Literal["grouped", "uniform"]
+TargetForward = Literal["upper", "full"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,20 @@ class MemitConfig:
         the solve then writes updates of norm ~1e6 into them (seen on the world model's layer 1).
         1e-2 bounds that and changes little where C is well conditioned; 0 is the reference.
     v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor: target optimisation.
-    loss_stop: stop optimising once every request's mean target NLL is below this.
+    loss_stop: a request's target optimisation stops once its loss is below this.
+    early_stop: ``"loss"`` (the reference: the request's whole loss, NLL + KL + weight decay) or
+        ``"nll"`` (its mean target NLL alone; stops earlier, edits weaker).
+    kl_direction: ``"edited||initial"`` (the reference and ROME's paper: KL(p || p_init) on
+        ``kl_prompt``) or ``"initial||edited"`` (KL(p_init || p)).
+    key_weighting: ``"grouped"`` (the reference: keys averaged within the groups ``["{}"]`` and
+        the prefixes, then across the groups, so the plain prompt weighs 1/2 and each of n
+        prefixes 1/(2n)) or ``"uniform"`` (every context 1/(n+1)).
+    target_forward: ``"upper"`` (each optimisation step runs only the blocks above the last edited
+        layer, from its output computed once, and the LM head only where the loss reads it;
+        checked against the whole model on the first batch) or ``"full"`` (the whole model every
+        step). The two give the same targets up to float rounding.
+    target_batch: requests whose targets are optimised together (memory; targets do not depend
+        on it: each request's loss is its own).
     residual_split: ``"remaining"`` (reference: divide by the layers left) or ``"even"`` (by L).
     passes: how many times keys, residuals and solves run with the targets fixed (1: MEMIT).
     kl_prompt: the essence prompt of the KL term.
@@ -92,6 +111,11 @@ class MemitConfig:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     loss_stop: float = 5e-2
+    early_stop: EarlyStop = "loss"
+    kl_direction: KlDirection = "edited||initial"
+    key_weighting: KeyWeighting = "grouped"
+    target_forward: TargetForward = "upper"
+    target_batch: int = 64
     residual_split: Literal["remaining", "even"] = "remaining"
     passes: int = 1
     kl_prompt: str = "{} is a"
@@ -115,6 +139,12 @@ class MemitConfig:
             raise ValueError("cov_ridge must be non-negative")
         if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
             raise ValueError(f"passes must be a positive integer, got {self.passes!r}")
+        for name, allowed in (("early_stop", ("loss", "nll")), ("kl_direction", ("edited||initial", "initial||edited")),
+                              ("key_weighting", ("grouped", "uniform")), ("target_forward", ("upper", "full"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.target_batch, bool) or not isinstance(self.target_batch, int) or self.target_batch < 1:
+            raise ValueError(f"target_batch must be a positive integer, got {self.target_batch!r}")
         if self.context_templates is not None and not all("{}" in t for t in self.context_templates):
             raise ValueError("every context template must hold '{}' for the prompt")
 
@@ -139,6 +169,8 @@ class Targets:
     z: torch.Tensor  # (M, d_model) float64
     h_init: torch.Tensor  # (M, d_model) float64, the unedited outputs at the fact token
     signature: tuple
+    #: forward passes each request's optimisation ran (the last without a backward); empty if unknown
+    steps: tuple[int, ...] = field(default=(), compare=False)
 
     def subset(self, indices: Sequence[int]) -> "Targets":
         """The targets of the requests at ``indices`` (in that order): each request's target vector is
@@ -146,7 +178,9 @@ class Targets:
         indices = [int(i) for i in indices]
         if any(not 0 <= i < len(self.requests) for i in indices):
             raise IndexError(f"target indices must be in 0..{len(self.requests) - 1}")
-        return Targets(tuple(self.requests[i] for i in indices), self.z[indices], self.h_init[indices], self.signature)
+        steps = tuple(self.steps[i] for i in indices) if self.steps else ()
+        return Targets(tuple(self.requests[i] for i in indices), self.z[indices], self.h_init[indices], self.signature,
+                       steps)
 
 
 @dataclass
@@ -159,6 +193,205 @@ class _Encoded:
     owner: torch.Tensor  # request index of each row
     target_positions: list[list[int]] = field(default_factory=list)
     target_ids: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class _TargetBatch:
+    """The rows of one target-optimisation batch: each request's context prompts (+ target tokens),
+    then one KL prompt per request; and the positions the loss reads."""
+
+    requests: torch.Tensor  # (a,) indices of the batch's requests in the caller's list
+    input_ids: torch.Tensor  # (R, W)
+    attention_mask: torch.Tensor
+    lookups: torch.Tensor  # (R,) fact-token position of each row
+    row_owner: torch.Tensor  # (R,) 0..a-1
+    n_rewrite: int  # rows [0, n_rewrite) are context prompts, the rest KL prompts
+    loss_rows: torch.Tensor  # (P,) first every target token's position, then each KL row's fact token
+    loss_positions: torch.Tensor
+    target_row: torch.Tensor  # (n_target,) the row of each target token
+    target_tokens: torch.Tensor
+    tokens_per_row: torch.Tensor
+    prompts_per_request: torch.Tensor
+    first_rows: torch.Tensor  # (a,) each request's plain-prompt row
+
+    @property
+    def n_target(self) -> int:
+        return int(self.target_tokens.shape[0])
+
+
+class _ReplayMismatch(RuntimeError):
+    """The replayed upper blocks do not reproduce the model's logits (an architecture whose forward
+    does more than blocks, final norm and LM head)."""
+
+
+@dataclass
+class _Rows:
+    """Token rows of a forward pass, each row's fact token, and the (row, position) pairs whose
+    logits the loss reads."""
+
+    input_ids: torch.Tensor  # (R, W)
+    attention_mask: torch.Tensor
+    lookups: torch.Tensor  # (R,)
+    loss_rows: torch.Tensor  # (P,)
+    loss_positions: torch.Tensor
+
+
+class _TargetForward(Protocol):
+    """Logits ``(P, V)`` at the loss positions with ``delta_rows`` (R, d) added at each row's fact
+    token of the last edited block's output. ``h_lookup`` (R, d) is that output without delta and
+    ``initial_logits`` (P, V) the logits without delta."""
+
+    h_lookup: torch.Tensor
+    initial_logits: torch.Tensor
+
+    def __call__(self, delta_rows: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class _WholeModel:
+    """The whole model every step, delta added by a forward hook on the last edited block."""
+
+    def __init__(self, model: torch.nn.Module, preset: LayerPreset, rows: _Rows) -> None:
+        self.model, self.rows = model, rows
+        self.block = get_module(model, preset.block_name(preset.layers[-1]))
+        self.index = torch.arange(rows.input_ids.shape[0], device=rows.input_ids.device)
+        with torch.no_grad():
+            self.initial_logits = self(None)
+
+    def __call__(self, delta_rows: torch.Tensor | None) -> torch.Tensor:
+        rows, at = self.rows, (self.index, self.rows.lookups)
+
+        def add_delta(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if delta_rows is None:
+                self.h_lookup = hidden[at].detach().clone()
+                return output
+            hidden = hidden.index_put(at, hidden[at] + delta_rows.to(hidden.dtype))
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = self.block.register_forward_hook(add_delta)
+        try:
+            logits = self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits
+        finally:
+            handle.remove()
+        return logits[rows.loss_rows, rows.loss_positions]
+
+
+class _UpperStack:
+    """Only what the loss depends on: the blocks above the last edited layer, replayed each step from
+    that layer's output (computed once: the layers below never see delta), with the final norm and
+    the LM head at the loss positions only.
+
+    One forward pass of the whole model records the last edited block's output and the arguments
+    every upper block is called with (attention masks, position embeddings...); a step calls the
+    upper blocks with those arguments and the new hidden state. The replay is checked against the
+    model: its logits without delta must equal the model's own (:class:`_ReplayMismatch` otherwise).
+    """
+
+    def __init__(self, model: torch.nn.Module, preset: LayerPreset, rows: _Rows) -> None:
+        self.rows = rows
+        last = preset.layers[-1]
+        self.blocks = [get_module(model, preset.block_name(i)) for i in range(last + 1, num_layers(model))]
+        self.final_norm = get_module(model, preset.final_norm)
+        self.lm_head = get_module(model, preset.lm_head)
+        self.at = (torch.arange(rows.input_ids.shape[0], device=rows.input_ids.device), rows.lookups)
+        self.calls: list[tuple[tuple, dict]] = [((), {})] * len(self.blocks)
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab_output(_module, _inputs, output):
+            captured["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        def grab_call(index: int):
+            def hook(_module, args, kwargs):
+                self.calls[index] = (tuple(args), dict(kwargs))
+            return hook
+
+        handles = [get_module(model, preset.block_name(last)).register_forward_hook(grab_output)]
+        handles += [block.register_forward_pre_hook(grab_call(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
+        try:
+            with torch.no_grad():
+                base = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        with torch.no_grad():
+            self.initial_logits = _lm_head_rows(self.lm_head, base.last_hidden_state[rows.loss_rows, rows.loss_positions])
+            first = int(rows.loss_rows[0])
+            own = model(input_ids=rows.input_ids[first:first + 1],
+                        attention_mask=rows.attention_mask[first:first + 1]).logits[0]
+        self.h_last = captured["h"]
+        self.h_lookup = self.h_last[self.at].clone()
+        on_first = rows.loss_rows == first
+        _check_close("the model's own logits", self.initial_logits[on_first], own[rows.loss_positions[on_first]])
+        with torch.no_grad():
+            _check_close("the replayed upper blocks' logits", self(None), self.initial_logits)
+
+    def __call__(self, delta_rows: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.h_last
+        if delta_rows is not None:
+            hidden = hidden.index_put(self.at, hidden[self.at] + delta_rows.to(hidden.dtype))
+        for block, (args, kwargs) in zip(self.blocks, self.calls):
+            if "hidden_states" in kwargs:
+                output = block(*args, **{**kwargs, "hidden_states": hidden})
+            else:
+                output = block(hidden, *args[1:], **kwargs)
+            hidden = output[0] if isinstance(output, tuple) else output
+        return _lm_head_rows(self.lm_head, self.final_norm(hidden[self.rows.loss_rows, self.rows.loss_positions]))
+
+
+class _ByWidth:
+    """A forward per group of rows of the same width (its length rounded up to ``WIDTH_STEP``
+    tokens): no row pays for a longer batch mate's padding, and a row's arithmetic depends on its
+    own length only, never on which requests share its batch."""
+
+    def __init__(self, make: Callable[[_Rows], _TargetForward], rows: _Rows) -> None:
+        lengths = rows.attention_mask.sum(1)
+        widths = -(-lengths // WIDTH_STEP) * WIDTH_STEP
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, _TargetForward]] = []
+        order = []
+        for width in sorted(set(widths.tolist())):
+            members = (widths == width).nonzero().flatten()
+            local = torch.full((rows.input_ids.shape[0],), -1, dtype=torch.long, device=members.device)
+            local[members] = torch.arange(len(members), device=members.device)
+            reads = (local[rows.loss_rows] >= 0).nonzero().flatten()
+            # fillers (copies of the first row, read by no loss) keep every matrix product at least
+            # MIN_GEMM_ROWS rows tall: BLAS rounds products of very few rows differently
+            fillers = max(0, -(-MIN_GEMM_ROWS // width) - len(members))
+            padded = torch.cat([members, members[:1].repeat(fillers)])
+            sub = _Rows(rows.input_ids[padded, :width], rows.attention_mask[padded, :width], rows.lookups[padded],
+                        local[rows.loss_rows[reads]], rows.loss_positions[reads])
+            self.parts.append((members, fillers, make(sub)))
+            order.append(reads)
+        self.inverse = torch.argsort(torch.cat(order))  # concatenated part outputs -> loss order
+        first = self.parts[0][2].h_lookup
+        self.h_lookup = torch.empty(rows.input_ids.shape[0], *first.shape[1:], dtype=first.dtype, device=first.device)
+        for members, _, forward in self.parts:
+            self.h_lookup[members] = forward.h_lookup[: len(members)]
+        self.initial_logits = torch.cat([forward.initial_logits for _, _, forward in self.parts])[self.inverse]
+
+    def __call__(self, delta_rows: torch.Tensor | None) -> torch.Tensor:
+        outputs = []
+        for members, fillers, forward in self.parts:
+            if delta_rows is None:
+                outputs.append(forward(None))
+            else:
+                mine = delta_rows[members]
+                outputs.append(forward(torch.cat([mine, mine.new_zeros(fillers, mine.shape[1])]) if fillers else mine))
+        return torch.cat(outputs)[self.inverse]
+
+
+def _lm_head_rows(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``lm_head(hidden)`` for rows ``(P, d)``, computed at least MIN_GEMM_ROWS rows tall (see :class:`_ByWidth`)."""
+    short = MIN_GEMM_ROWS - hidden.shape[0]
+    if short <= 0:
+        return lm_head(hidden)
+    return lm_head(torch.cat([hidden, hidden[:1].expand(short, -1)]))[: hidden.shape[0]]
+
+
+def _check_close(what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), rtol=1e-4, atol=1e-4 * scale):
+        raise _ReplayMismatch(f"{what} differ from the whole model's (max |difference| "
+                              f"{float((got.float() - expected.float()).abs().max()) if got.shape == expected.shape else 'n/a'})")
 
 
 class MemitEditor:
@@ -227,6 +460,20 @@ class MemitEditor:
                 self.model, self.tokenizer, self.config.n_context, self.config.context_length, self.config.seed)
         return self._context_templates
 
+    def context_weights(self) -> tuple[float, ...]:
+        """The weight of each context template in a key (``key_weighting``; they sum to 1).
+
+        ``"grouped"`` (the reference's ``[["{}"], prefixes]``): the mean over each group, then over
+        the groups, so ``"{}"`` weighs 1/2 and each of n prefixes 1/(2n). ``"uniform"``: 1/(n+1) each.
+        """
+        templates = self.context_templates()
+        if self.config.key_weighting == "uniform":
+            return tuple(1.0 / len(templates) for _ in templates)
+        plain = [t == "{}" for t in templates]
+        groups = [size for size in (sum(plain), len(templates) - sum(plain)) if size]
+        return tuple(1.0 / (len(groups) * (sum(plain) if is_plain else len(templates) - sum(plain)))
+                     for is_plain in plain)
+
     def edit(self, requests: Sequence[EditRequest], *, regularisers: Mapping[str, np.ndarray] | None = None,
              targets: "Targets | None" = None, progress: bool = False) -> EditPayload:
         """Edit ``requests`` and return the payload; the model is left unchanged.
@@ -252,10 +499,10 @@ class MemitEditor:
         was_training = self.model.training
         self.model.eval()
         try:
-            z, h_init = self._compute_targets(requests, progress=progress)
+            z, h_init, steps = self._compute_targets(requests, progress=progress)
         finally:
             self.model.train(was_training)
-        return Targets(_request_keys(requests), z, h_init, self._target_signature())
+        return Targets(_request_keys(requests), z, h_init, self._target_signature(), steps)
 
     def _check_targets(self, requests: Sequence[EditRequest], targets: "Targets") -> None:
         if targets.requests != _request_keys(requests):
@@ -267,7 +514,8 @@ class MemitEditor:
     def _target_signature(self) -> tuple:
         cfg = self.config
         return (self.preset.layers[-1], cfg.fact_token, cfg.v_num_grad_steps, cfg.v_lr, cfg.v_weight_decay,
-                cfg.clamp_norm_factor, cfg.kl_factor, cfg.loss_stop, cfg.kl_prompt, self.context_templates())
+                cfg.clamp_norm_factor, cfg.kl_factor, cfg.loss_stop, cfg.early_stop, cfg.kl_direction, cfg.kl_prompt,
+                self.context_templates())
 
     def keys(self, requests: Sequence[EditRequest], *, batch_size: int = 256) -> dict[str, np.ndarray]:
         """The keys ``K`` (d_in x M, float64) of every edited layer for ``requests``, as an edit
@@ -325,7 +573,7 @@ class MemitEditor:
         internals = EditInternals()
         try:
             if targets is None:
-                targets, h_init = self._compute_targets(requests, progress=progress)
+                targets, h_init, _ = self._compute_targets(requests, progress=progress)
             else:
                 targets, h_init = targets.z.to(self.device), targets.h_init.to(self.device)
             internals.targets = targets.cpu().numpy()
@@ -451,94 +699,120 @@ class MemitEditor:
         return templates, subjects, owners
 
     # ------------------------------------------------------------------ step 1: targets
-    def _compute_targets(self, requests: Sequence[EditRequest], progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Optimise z_j for all requests at once; returns (z, h_init), both (M, d_model)."""
+    def _compute_targets(self, requests: Sequence[EditRequest],
+                         progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """z_j and h_j of every request (both (M, d_model) float64) and the forward passes each ran,
+        ``target_batch`` requests at a time. Each request's loss is its own, so the batches do not
+        change the targets."""
+        size = self.config.target_batch
+        parts = [self._optimise_targets(requests[start:start + size], progress)
+                 for start in range(0, len(requests), size)]
+        return (torch.cat([z for z, _, _ in parts]), torch.cat([h for _, h, _ in parts]),
+                tuple(n for _, _, steps in parts for n in steps))
+
+    def _target_batch(self, requests: Sequence[EditRequest], indices: Sequence[int]) -> "_TargetBatch":
+        """The rows of ``requests[indices]``: each context prompt + target, then each KL prompt."""
         cfg = self.config
-        last_block = get_module(self.model, self.preset.block_name(self.preset.layers[-1]))
-        templates, subjects, owners = self._prompts_with_context(requests)
-        targets = [self._target_ids(requests[j].target_new) for j in owners]
+        templates, subjects, owners = self._prompts_with_context([requests[i] for i in indices])
+        targets = [self._target_ids(requests[indices[j]].target_new) for j in owners]
         rewrite = self._encode(templates, subjects, owners, targets)
-        kl_templates = [cfg.kl_prompt] * len(requests)
-        kl = self._encode(kl_templates, [r.subject for r in requests], list(range(len(requests))))
-        n_rewrite = rewrite.input_ids.shape[0]
+        kl = self._encode([cfg.kl_prompt] * len(indices), [requests[i].subject for i in indices], list(range(len(indices))))
         input_ids, attention = _concat_padded(rewrite, kl, self.tokenizer)
-        lookups = torch.cat([rewrite.lookup, kl.lookup])
-        owner_all = torch.cat([rewrite.owner, kl.owner])
-        rows = torch.arange(input_ids.shape[0], device=self.device)
+        n_rewrite = rewrite.input_ids.shape[0]
+        target_row = [r for r in range(n_rewrite) for _ in rewrite.target_positions[r]]
+        target_pos = [pos for r in range(n_rewrite) for pos in rewrite.target_positions[r]]
+        target_tok = [tok for r in range(n_rewrite) for tok in rewrite.target_ids[r]]
+        device = self.device
+        row_of_target = torch.tensor(target_row, device=device)
+        return _TargetBatch(
+            requests=torch.tensor(list(indices), device=device),
+            input_ids=input_ids, attention_mask=attention,
+            lookups=torch.cat([rewrite.lookup, kl.lookup]), row_owner=torch.cat([rewrite.owner, kl.owner]),
+            n_rewrite=n_rewrite,
+            loss_rows=torch.cat([row_of_target, torch.arange(n_rewrite, n_rewrite + len(indices), device=device)]),
+            loss_positions=torch.cat([torch.tensor(target_pos, device=device), kl.lookup]),
+            target_row=row_of_target, target_tokens=torch.tensor(target_tok, device=device),
+            tokens_per_row=torch.bincount(row_of_target, minlength=n_rewrite).to(torch.float64),
+            prompts_per_request=torch.bincount(rewrite.owner, minlength=len(indices)).to(torch.float64),
+            first_rows=_first_rows(rewrite.owner, len(indices)))
 
-        # target-token gather indices for the rewrite rows
-        flat_rows, flat_pos, flat_tok = [], [], []
-        for r in range(n_rewrite):
-            for pos, tok in zip(rewrite.target_positions[r], rewrite.target_ids[r]):
-                flat_rows.append(r)
-                flat_pos.append(pos)
-                flat_tok.append(tok)
-        flat_rows_t = torch.tensor(flat_rows, device=self.device)
-        flat_pos_t = torch.tensor(flat_pos, device=self.device)
-        flat_tok_t = torch.tensor(flat_tok, device=self.device)
-        tokens_per_row = torch.bincount(flat_rows_t, minlength=n_rewrite).to(torch.float64)
-        prompts_per_request = torch.bincount(rewrite.owner, minlength=len(requests)).to(torch.float64)
+    def _target_forward(self, batch: "_TargetBatch") -> "_TargetForward":
+        rows = _Rows(batch.input_ids, batch.attention_mask, batch.lookups, batch.loss_rows, batch.loss_positions)
+        if self.config.target_forward == "upper":
+            try:
+                return _ByWidth(lambda part: _UpperStack(self.model, self.preset, part), rows)
+            except _ReplayMismatch as err:
+                log.warning("target optimisation runs the whole model every step: %s", err)
+        return _ByWidth(lambda part: _WholeModel(self.model, self.preset, part), rows)
 
-        d_model = _block_output_dim(self.model)
-        delta = torch.zeros(len(requests), d_model, device=self.device, requires_grad=True)
-        state: dict[str, torch.Tensor] = {}
+    def _optimise_targets(self, requests: Sequence[EditRequest],
+                          progress: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """MEMIT's ``compute_z`` for a batch of requests at once, each with its own loss.
 
-        def add_delta(_module, _inputs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            if "h_init" not in state:
-                state["h_init"] = hidden[rows[:n_rewrite], lookups[:n_rewrite]].detach().clone()
-            hidden = hidden.clone()
-            hidden[rows, lookups] = hidden[rows, lookups] + delta[owner_all].to(hidden.dtype)
-            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
-
-        handle = last_block.register_forward_hook(add_delta)
+        Per request j, each step: ``NLL_j`` (the target's mean token NLL, averaged over the context
+        prompts) + ``kl_factor * KL_j`` (on ``kl_prompt`` at the fact token) + ``v_weight_decay *
+        ||delta_j|| / ||h_j||^2``; Adam on ``delta_j``, then ``||delta_j|| <= clamp_norm_factor *
+        ||h_j||``. Request j stops once its loss (``early_stop``) is below ``loss_stop``: it leaves
+        the batch, so later steps compute only the requests still optimised.
+        """
+        cfg = self.config
+        m = len(requests)
+        device = self.device
+        delta = torch.zeros(m, _block_output_dim(self.model), device=device, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
+        done = torch.zeros(m, dtype=torch.bool, device=device)
+        passes = torch.zeros(m, dtype=torch.long, device=device)
+        h_init = kl_init = None
         requires_grad = [p.requires_grad for p in self.model.parameters()]
         for p in self.model.parameters():
             p.requires_grad_(False)
-        first = _first_rows(rewrite.owner, len(requests))
-        done = torch.zeros(len(requests), dtype=torch.bool, device=self.device)
-        kl_init = None
+        batch = forward = None
         try:
             for step in range(cfg.v_num_grad_steps):
+                active = (~done).nonzero().flatten().tolist()
+                if batch is None or len(active) <= 0.75 * len(batch.requests):  # drop finished requests' rows
+                    batch = self._target_batch(requests, active)
+                    forward = self._target_forward(batch)
+                    if h_init is None:  # the first batch holds every request
+                        h_init = forward.h_lookup[batch.first_rows].to(torch.float64)
+                        kl_init = forward.initial_logits[batch.n_target:].float().log_softmax(-1)
+                mine = batch.requests
+                passes[mine[~done[mine]]] += 1
                 optimizer.zero_grad()
-                logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-                log_probs = torch.log_softmax(logits.float(), dim=-1)
-                token_lp = log_probs[flat_rows_t, flat_pos_t, flat_tok_t].to(torch.float64)
-                row_nll = -torch.zeros(n_rewrite, dtype=torch.float64, device=self.device).index_add(
-                    0, flat_rows_t, token_lp) / tokens_per_row
-                request_nll = torch.zeros(len(requests), dtype=torch.float64, device=self.device).index_add(
-                    0, rewrite.owner, row_nll) / prompts_per_request
-                kl_lp = log_probs[rows[n_rewrite:], lookups[n_rewrite:]]
-                if kl_init is None:
-                    kl_init = kl_lp.detach().clone()
-                # KL(p_init || p) per request, at the fact token of "{subject} is a"
-                request_kl = (kl_init.exp() * (kl_init - kl_lp)).sum(-1).to(torch.float64)
-                h_norm = state["h_init"][first].norm(dim=1).to(torch.float64)
-                weight_decay = cfg.v_weight_decay * (delta.norm(dim=1).to(torch.float64) / h_norm ** 2)
-                # A sum of per-request losses: each z_j is optimised exactly as if edited alone.
-                request_loss = request_nll + cfg.kl_factor * request_kl + weight_decay
-                done |= request_nll.detach() < cfg.loss_stop
+                log_probs = forward(delta[mine][batch.row_owner]).float().log_softmax(-1)
+                token_lp = log_probs[: batch.n_target].gather(1, batch.target_tokens[:, None])[:, 0].to(torch.float64)
+                row_nll = -torch.zeros(batch.n_rewrite, dtype=torch.float64, device=device).index_add(
+                    0, batch.target_row, token_lp) / batch.tokens_per_row
+                nll = torch.zeros(len(mine), dtype=torch.float64, device=device).index_add(
+                    0, batch.row_owner[: batch.n_rewrite], row_nll) / batch.prompts_per_request
+                kl_lp, kl0 = log_probs[batch.n_target:], kl_init[mine]
+                if cfg.kl_direction == "edited||initial":  # KL(p || p_init), the reference's kl_div(init, p)
+                    kl = (kl_lp.exp() * (kl_lp - kl0)).sum(-1).to(torch.float64)
+                else:  # KL(p_init || p)
+                    kl = (kl0.exp() * (kl0 - kl_lp)).sum(-1).to(torch.float64)
+                h_norm = h_init[mine].norm(dim=1)
+                weight_decay = cfg.v_weight_decay * (delta[mine].norm(dim=1).to(torch.float64) / h_norm ** 2)
+                loss = nll + cfg.kl_factor * kl + weight_decay
+                finished = (loss if cfg.early_stop == "loss" else nll).detach() < cfg.loss_stop
+                done[mine[finished]] = True
                 if progress:
-                    log.info("target step %d: nll %.3f (max %.3f), %d/%d done", step, float(request_nll.mean()),
-                             float(request_nll.max()), int(done.sum()), len(requests))
+                    log.info("target step %d: nll %.3f (max %.3f), %d/%d done", step, float(nll.mean()),
+                             float(nll.max()), int(done.sum()), m)
                 if bool(done.all()) or step == cfg.v_num_grad_steps - 1:
                     break
-                request_loss[~done].sum().backward()
+                loss[~finished].sum().backward()
                 frozen = delta.detach()[done].clone()
                 optimizer.step()
                 with torch.no_grad():
-                    delta[done] = frozen  # converged requests keep their target
-                    max_norm = cfg.clamp_norm_factor * h_norm.to(delta.dtype)  # ||delta_j|| <= c ||h_j||
+                    delta[done] = frozen  # finished requests keep their target (Adam's momentum would move them)
+                    max_norm = cfg.clamp_norm_factor * h_init.norm(dim=1).to(delta.dtype)  # ||delta_j|| <= c ||h_j||
                     norms = delta.norm(dim=1)
                     scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
                     delta.mul_(scale.unsqueeze(1))
         finally:
-            handle.remove()
             for p, flag in zip(self.model.parameters(), requires_grad):
                 p.requires_grad_(flag)
-        h_init = state["h_init"][_first_rows(rewrite.owner, len(requests))].to(torch.float64)
-        return (h_init + delta.detach().to(torch.float64)), h_init
+        return h_init + delta.detach().to(torch.float64), h_init, tuple(passes.tolist())
 
     # ------------------------------------------------------------------ steps 2-3: keys, current outputs
     def _keys_and_outputs_in_eval(self, requests: Sequence[EditRequest]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -570,11 +844,12 @@ class MemitEditor:
         finally:
             for handle in handles:
                 handle.remove()
-        counts = torch.bincount(ctx.owner, minlength=len(requests)).to(torch.float64).unsqueeze(1)
+        weights = torch.tensor(self.context_weights(), dtype=torch.float64, device=self.device)
+        row_weight = weights.repeat(len(requests)).unsqueeze(1)  # rows are request-major, contexts in order
         keys = {}
         for name in self.layer_names:
             summed = torch.zeros(len(requests), captured[name].shape[1], dtype=torch.float64, device=self.device)
-            keys[name] = (summed.index_add(0, ctx.owner, captured[name]) / counts).T.contiguous()
+            keys[name] = summed.index_add(0, ctx.owner, captured[name] * row_weight).T.contiguous()
         plain = self._encode([r.prompt for r in requests], [r.subject for r in requests], list(range(len(requests))))
         block = get_module(self.model, self.preset.block_name(self.preset.layers[-1]))
         out: dict[str, torch.Tensor] = {}
@@ -637,6 +912,10 @@ def _sum_passes(passes: Sequence[Mapping[str, LayerPayload]], regularisers: Mapp
 
 
 PAD_MULTIPLE = 32
+#: Target optimisation groups rows by their length rounded up to this many tokens (:class:`_ByWidth`).
+WIDTH_STEP = 8
+#: The fewest rows a matrix product of target optimisation has (:class:`_ByWidth`, :func:`_lm_head_rows`).
+MIN_GEMM_ROWS = 32
 
 
 def _bucket(length: int) -> int:

@@ -1,0 +1,158 @@
+"""MEMIT's edit, fedke's batched targets against the reference's one-request loop, back to back.
+
+    python bench/memit_speed.py --model world smollm2 --edits 50 500 --out memit_speed.json [--device cuda]
+
+For each model and each n, the same n requests are edited twice with the same editor (settings
+file, covariance, context prefixes, layers, lam, target settings): ``impl = "single"`` optimises
+the target vectors one request at a time as kmeng01/memit's ``compute_z`` does
+(:func:`fedke.editing.reference.single_request_targets`: the whole model every step, log-softmax at
+every position), ``impl = "fedke"`` with :meth:`MemitEditor.compute_targets` (requests batched,
+only the blocks above the last edited layer, the LM head where the loss reads it, finished
+requests leave the batch). Keys and solves are the same code in both. ``seconds`` is the whole
+edit (targets + keys + solves); ES/PS/NS/Score are measured after applying each update.
+
+Floating-point work: ``flops_per_request`` counts what one request's target optimisation must do
+(forward through the blocks above the injection point for its prompts' real tokens, the LM head at
+the positions its loss reads, a backward of the same cost for every pass but the last, times the
+passes it ran), averaged over the requests; ``achieved_gflops`` is that work over fedke's target
+seconds, ``matmul_gflops`` a dense float32 matmul on the same device in the same run.
+
+Writes ``{"runs": [{"model", "n", "impl", "ES", "PS", "NS", "Score", "seconds", ...}],
+"speedup": {"<model>/<n>": single seconds / fedke seconds}, "flops_per_request": {...},
+"achieved_gflops": {...}, "matmul_gflops": x}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import peak_rss_mb, print_table, write_json  # noqa: E402
+
+import torch  # noqa: E402
+
+from fedke.editing import applied_update  # noqa: E402
+from fedke.editing.presets import get_module, num_layers  # noqa: E402
+from fedke.editing.reference import single_request_targets  # noqa: E402
+from fedke.eval import evaluate_cases  # noqa: E402
+
+
+def load_bed(model: str, device: str):
+    if model == "world":
+        from fedke.testbed import load_testbed
+
+        bed = load_testbed(progress=True)
+    else:
+        from fedke.testbed import load_real_testbed
+
+        bed = load_real_testbed(model, progress=True)
+    bed.model.to(device)
+    return bed
+
+
+def matmul_gflops(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """Dense float32 matmul rate of this device (GFLOP/s), best of ``repeats``."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best / 1e9
+
+
+def _matmul_weights(module: torch.nn.Module) -> int:
+    """Multiply-adds per token of the module's dense layers (every 2-D weight: Linear, GPT-2's Conv1D)."""
+    return sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight") and p.dim() == 2)
+
+
+def target_flops(editor, requests, steps) -> list[float]:
+    """Floating-point operations each request's target optimisation must do (see the module)."""
+    model, preset, tokenizer = editor.model, editor.preset, editor.tokenizer
+    last = preset.layers[-1]
+    upper = [get_module(model, preset.block_name(i)) for i in range(last + 1, num_layers(model))]
+    per_token = sum(2 * _matmul_weights(block) for block in upper)
+    d_model = model.get_input_embeddings().weight.shape[1]
+    head = 2 * get_module(model, preset.lm_head).weight.numel()
+    flops = []
+    for request, passes in zip(requests, steps):
+        target = editor._target_ids(request.target_new)
+        prompts = [t.format(request.prompt) if t != "{}" else request.prompt for t in editor.context_templates()]
+        lengths = [len(tokenizer(p.format(request.subject))["input_ids"]) + len(target) - 1 for p in prompts]
+        lengths.append(len(tokenizer(editor.config.kl_prompt.format(request.subject))["input_ids"]))
+        blocks = sum(t * per_token + len(upper) * 4 * d_model * t * t / 2 for t in lengths)  # causal attention
+        forward = blocks + head * (len(target) * len(prompts) + 1)
+        flops.append(forward * passes + forward * max(passes - 1, 0))  # a backward costs a forward (inputs only)
+    return flops
+
+
+def run(bed, requests, cases, impl: str, device: str, mode: str) -> tuple[dict, object]:
+    editor = bed.editor(mode=mode)
+    editor.context_templates()  # sampled once, outside the timing
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    targets = single_request_targets(editor, requests) if impl == "single" else editor.compute_targets(requests)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    target_seconds = time.perf_counter() - started
+    payload = editor.edit(requests, targets=targets)
+    seconds = time.perf_counter() - started
+    with applied_update(bed.model, {name: layer.delta for name, layer in payload.layers.items()}):
+        metrics = evaluate_cases(bed.model, bed.tokenizer, cases).summary
+    row = {"impl": impl, **{k: float(metrics[k]) for k in ("ES", "PS", "NS", "Score")},
+           "seconds": seconds, "target_seconds": target_seconds,
+           "mean_passes": sum(targets.steps) / len(targets.steps), "peak_rss_mb": peak_rss_mb()}
+    return row, targets
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["world"], help="world and/or a packaged real model (smollm2)")
+    parser.add_argument("--edits", nargs="+", type=int, default=[50, 500])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mode", default="sequential", choices=["sequential", "decoupled"],
+                        help="MEMIT's mode (keys and solves; the targets do not depend on it)")
+    parser.add_argument("--impl", nargs="+", default=["single", "fedke"], choices=["single", "fedke"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    result = {"runs": [], "speedup": {}, "flops_per_request": {}, "achieved_gflops": {},
+              "matmul_gflops": matmul_gflops(args.device), "device": args.device, "mode": args.mode,
+              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    for model in args.model:
+        bed = load_bed(model, args.device)
+        for n in args.edits:
+            cases = bed.world.edit_cases(n)
+            requests = [case.request for case in cases]
+            rows = {}
+            for impl in args.impl:
+                row, targets = run(bed, requests, cases, impl, args.device, args.mode)
+                rows[impl] = {"model": model, "n": n, **row}
+                result["runs"].append(rows[impl])
+                print(f"{model} n={n} {impl}: {row['seconds']:.1f} s (targets {row['target_seconds']:.1f} s), "
+                      f"Score {row['Score']:.1f}", file=sys.stderr)
+                if impl == "fedke":
+                    flops = target_flops(bed.editor(), requests, targets.steps)
+                    key = f"{model}/{n}"
+                    result["flops_per_request"][key] = sum(flops) / len(flops)
+                    result["achieved_gflops"][key] = sum(flops) / row["target_seconds"] / 1e9
+            if "single" in rows and "fedke" in rows:
+                result["speedup"][f"{model}/{n}"] = rows["single"]["seconds"] / rows["fedke"]["seconds"]
+    print_table(result["runs"], ["model", "n", "impl", "ES", "PS", "NS", "Score", "seconds", "target_seconds",
+                                 "mean_passes"], title=f"MEMIT edit, {args.device}")
+    print(f"speedup (single / fedke seconds): {result['speedup']}")
+    print(f"achieved {result['achieved_gflops']} GFLOP/s of a {result['matmul_gflops']:.0f} GFLOP/s matmul")
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

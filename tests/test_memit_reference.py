@@ -1,0 +1,113 @@
+"""MEMIT as the reference code computes it (issue 24): key weighting, KL direction, early stop, and
+the fast target optimisation (upper blocks only, LM head at the loss positions, finished requests
+leave the batch) against a one-request-at-a-time loop written after the reference's ``compute_z``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedke.editing import MemitConfig
+from fedke.editing.reference import single_request_targets
+
+
+def _requests(bed, n, offset=0):
+    return [c.request for c in bed.world.edit_cases(n + offset)[offset:]]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_batched_targets_equal_the_reference_one_request_loop(tiny_bed):
+    """Same inputs, same algorithm: the batch shares passes but each request keeps its own loss,
+    early stop and Adam trajectory, so the targets agree to float32 rounding."""
+    editor = tiny_bed.editor()
+    requests = _requests(tiny_bed, 6)
+    batched = editor.compute_targets(requests)
+    single = single_request_targets(editor, requests)
+    assert _rel(batched.h_init, single.h_init) < 1e-6
+    assert _rel(batched.z - batched.h_init, single.z - single.h_init) < 1e-5
+    assert batched.steps == single.steps  # every request stops at the same pass
+
+
+def test_requests_that_finish_early_leave_the_batch_without_changing_anyone_else(tiny_bed):
+    """A loose stop makes requests finish at different steps (they leave the batch); each target
+    still equals the request optimised alone."""
+    editor = tiny_bed.editor(loss_stop=1.5)
+    requests = _requests(tiny_bed, 8, offset=6)
+    batched = editor.compute_targets(requests)
+    for j, request in enumerate(requests[:3]):
+        alone = editor.compute_targets([request])
+        assert _rel(batched.z[j] - batched.h_init[j], alone.z[0] - alone.h_init[0]) < 1e-5
+    single = single_request_targets(editor, requests)
+    assert _rel(batched.z - batched.h_init, single.z - single.h_init) < 1e-5
+    assert batched.steps == single.steps  # every request stops at the same pass
+
+
+def test_the_upper_replay_equals_the_whole_model(tiny_bed):
+    requests = _requests(tiny_bed, 5)
+    upper = tiny_bed.editor(target_forward="upper").compute_targets(requests)
+    whole = tiny_bed.editor(target_forward="full").compute_targets(requests)
+    assert _rel(upper.z - upper.h_init, whole.z - whole.h_init) < 1e-4
+
+
+def test_target_batches_do_not_change_the_targets(tiny_bed):
+    requests = _requests(tiny_bed, 7)
+    one = tiny_bed.editor(target_batch=64).compute_targets(requests)
+    three = tiny_bed.editor(target_batch=3).compute_targets(requests)
+    assert _rel(one.z - one.h_init, three.z - three.h_init) < 1e-5
+
+
+def test_keys_weigh_the_plain_prompt_half_as_the_reference_groups_contexts(tiny_bed):
+    editor = tiny_bed.editor()
+    weights = editor.context_weights()
+    n = len(editor.context_templates()) - 1
+    assert editor.context_templates()[0] == "{}" and n > 0
+    assert weights == pytest.approx((0.5,) + (0.5 / n,) * n)
+    assert tiny_bed.editor(key_weighting="uniform").context_weights() == pytest.approx((1 / (n + 1),) * (n + 1))
+    requests = _requests(tiny_bed, 3)
+    grouped = editor.keys(requests)
+    uniform = tiny_bed.editor(key_weighting="uniform").keys(requests)
+    name = editor.layer_names[0]
+    assert _rel(grouped[name], uniform[name]) > 1e-3  # the weighting reaches the keys
+
+
+def test_kl_direction_and_early_stop_are_named_settings_that_change_the_targets(tiny_bed):
+    requests = _requests(tiny_bed, 4)
+    base = tiny_bed.editor().compute_targets(requests)
+    other = tiny_bed.editor(kl_direction="initial||edited").compute_targets(requests)
+    assert _rel(other.z - other.h_init, base.z - base.h_init) > 1e-6
+    # the NLL alone falls below the threshold before the whole loss does: fewer passes
+    by_loss = tiny_bed.editor(loss_stop=1.0).compute_targets(requests)
+    by_nll = tiny_bed.editor(loss_stop=1.0, early_stop="nll").compute_targets(requests)
+    assert all(a <= b for a, b in zip(by_nll.steps, by_loss.steps)) and sum(by_nll.steps) < sum(by_loss.steps)
+    assert MemitConfig().kl_direction == "edited||initial" and MemitConfig().early_stop == "loss"
+    assert MemitConfig().key_weighting == "grouped"
+
+
+@pytest.mark.parametrize("key, value", [("early_stop", "never"), ("kl_direction", "forward"),
+                                        ("key_weighting", "even"), ("target_forward", "half"),
+                                        ("target_batch", 0), ("target_batch", True)])
+def test_bad_settings_are_refused_naming_them(key, value):
+    with pytest.raises(ValueError, match=key):
+        MemitConfig(**{key: value})
+
+
+def test_targets_of_a_different_kl_direction_are_not_reused(tiny_bed):
+    requests = _requests(tiny_bed, 2)
+    targets = tiny_bed.editor().compute_targets(requests)
+    with pytest.raises(ValueError, match="other target settings"):
+        tiny_bed.editor(kl_direction="initial||edited").edit(requests, targets=targets)
+
+
+def test_reference_loop_targets_edit_like_fedkes(tiny_bed):
+    editor = tiny_bed.editor()
+    requests = _requests(tiny_bed, 4)
+    payload = editor.edit(requests, targets=single_request_targets(editor, requests))
+    direct = editor.edit(requests)
+    for name, layer in direct.layers.items():
+        assert _rel(payload.layers[name].delta, layer.delta) < 1e-3
+    assert torch.is_tensor(editor.compute_targets(requests).z)
