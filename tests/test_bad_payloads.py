@@ -153,7 +153,8 @@ def test_no_module_unpickles_anything():
 
 def test_files_fedke_writes_are_safetensors_json_or_tables(tiny_bed, cache_dir):
     """The caches (world, world model, statistics) hold only safetensors, JSON, tokenizer JSON and text."""
-    allowed = {".safetensors", ".json", ".txt", ".csv", ".parquet", ".jsonl", ".lock", ".md", ".model", ".toml"}
+    allowed = {".safetensors", ".json", ".txt", ".csv", ".parquet", ".jsonl", ".lock", ".md", ".model", ".toml",
+               ".jinja"}  # .jinja: the real model's chat template, text written by its tokenizer
     suffixes = {path.suffix for path in Path(cache_dir).rglob("*") if path.is_file()}
     assert suffixes and suffixes <= allowed, suffixes - allowed
     for path in Path(cache_dir).rglob("*"):
