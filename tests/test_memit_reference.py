@@ -111,3 +111,29 @@ def test_reference_loop_targets_edit_like_fedkes(tiny_bed):
     for name, layer in direct.layers.items():
         assert _rel(payload.layers[name].delta, layer.delta) < 1e-3
     assert torch.is_tensor(editor.compute_targets(requests).z)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "llama", "qwen2", "mistral"])
+def test_the_upper_replay_runs_and_matches_the_whole_model_on_every_family(tiny_bed, family, caplog):
+    """Edit layer 0 of a 3-block random model, so two blocks sit above the injection point."""
+    from dataclasses import replace
+
+    from fedke.editing import MemitEditor, preset_for
+    from test_memit import _tiny_model
+
+    torch.manual_seed(0)
+    model = _tiny_model(family, len(tiny_bed.tokenizer)).eval()
+    preset = preset_for(model, layers=(0,))
+    name = preset.mlp_out_name(0)
+    d_in = dict(model.named_modules())[name].weight.shape[0 if family == "gpt2" else 1]
+    covariances = {name: np.eye(d_in)}
+    requests = _requests(tiny_bed, 4)
+    targets = {}
+    for mode in ("upper", "full"):
+        config = replace(tiny_bed.memit_config, layers=(0,), fact_token="subject_last", v_num_grad_steps=6,
+                         target_forward=mode)
+        with caplog.at_level("WARNING", logger="fedke.editing.memit"):
+            targets[mode] = MemitEditor(model, tiny_bed.tokenizer, covariances, config, preset).compute_targets(requests)
+    assert "runs the whole model" not in caplog.text  # the replay was used, not the fallback
+    upper, full = targets["upper"], targets["full"]
+    assert _rel(upper.z - upper.h_init, full.z - full.h_init) < 1e-4

@@ -270,7 +270,7 @@ class _WholeModel:
 
         handle = self.block.register_forward_hook(add_delta)
         try:
-            logits = self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits
+            logits = self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False).logits
         finally:
             handle.remove()
         return logits[rows.loss_rows, rows.loss_positions]
@@ -281,9 +281,10 @@ class _UpperStack:
     that layer's output (computed once: the layers below never see delta), with the final norm and
     the LM head at the loss positions only.
 
-    One forward pass of the whole model records the last edited block's output and the arguments
-    every upper block is called with (attention masks, position embeddings...); a step calls the
-    upper blocks with those arguments and the new hidden state. The replay is checked against the
+    One forward pass of the whole model (without a key-value cache, which a replay would extend)
+    records the last edited block's output and the arguments every upper block is called with
+    (attention masks, position embeddings...); a step calls the upper blocks with those arguments
+    and the new hidden state. The replay is checked against the
     model: its logits without delta must equal the model's own (:class:`_ReplayMismatch` otherwise).
     """
 
@@ -309,15 +310,15 @@ class _UpperStack:
         handles += [block.register_forward_pre_hook(grab_call(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
         try:
             with torch.no_grad():
-                base = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
+                base = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
         with torch.no_grad():
             self.initial_logits = _lm_head_rows(self.lm_head, base.last_hidden_state[rows.loss_rows, rows.loss_positions])
             first = int(rows.loss_rows[0])
-            own = model(input_ids=rows.input_ids[first:first + 1],
-                        attention_mask=rows.attention_mask[first:first + 1]).logits[0]
+            own = model(input_ids=rows.input_ids[first:first + 1], attention_mask=rows.attention_mask[first:first + 1],
+                        use_cache=False).logits[0]
         self.h_last = captured["h"]
         self.h_lookup = self.h_last[self.at].clone()
         on_first = rows.loss_rows == first
