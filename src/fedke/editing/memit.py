@@ -219,6 +219,10 @@ class _TargetBatch:
         return int(self.target_tokens.shape[0])
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once what it reads has been computed."""
+
+
 class _ReplayMismatch(RuntimeError):
     """The replayed upper blocks do not reproduce the model's logits (an architecture whose forward
     does more than blocks, final norm and LM head)."""
@@ -841,7 +845,7 @@ class MemitEditor:
 
         handles = [get_module(self.model, name).register_forward_pre_hook(capture(name)) for name in self.layer_names]
         try:
-            self.model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask)
+            self._forward_through_last_layer(ctx.input_ids, ctx.attention_mask)
         finally:
             for handle in handles:
                 handle.remove()
@@ -861,10 +865,25 @@ class MemitEditor:
 
         handle = block.register_forward_hook(grab)
         try:
-            self.model(input_ids=plain.input_ids, attention_mask=plain.attention_mask)
+            self._forward_through_last_layer(plain.input_ids, plain.attention_mask)
         finally:
             handle.remove()
         return keys, out["h"]
+
+    def _forward_through_last_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Run the model only as far as the last edited block: keys and ``h`` are read there, so the
+        blocks above it and the LM head (logits over the whole vocabulary at every position) would
+        be wasted. The forward is cut by an exception raised from a hook on that block."""
+        def stop(_module, _inputs, _output):
+            raise _StopForward
+
+        handle = get_module(self.model, self.preset.block_name(self.preset.layers[-1])).register_forward_hook(stop)
+        try:
+            self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
 
 
 # ---------------------------------------------------------------------- helpers
