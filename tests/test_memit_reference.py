@@ -137,3 +137,22 @@ def test_the_upper_replay_runs_and_matches_the_whole_model_on_every_family(tiny_
     assert "runs the whole model" not in caplog.text  # the replay was used, not the fallback
     upper, full = targets["upper"], targets["full"]
     assert _rel(upper.z - upper.h_init, full.z - full.h_init) < 1e-4
+
+
+def test_keys_and_targets_do_not_depend_on_batch_mates_of_other_lengths(tiny_bed):
+    """Rows run in groups of their own width (with fillers keeping matrix products tall): a batch
+    mate with prompts longer than 32 tokens changes no other request's keys or targets, bit for bit."""
+    from dataclasses import replace as replace_request
+
+    requests = _requests(tiny_bed, 4)
+    long = replace_request(requests[1], prompt="In other words , " * 8 + requests[1].prompt)
+    batch = [requests[0], long, requests[2], requests[3]]
+    editor = tiny_bed.editor(v_num_grad_steps=5)
+    together_keys = editor.keys(batch)
+    together = editor.compute_targets(batch)
+    for j in (0, 2):
+        alone_keys = editor.keys([batch[j]])
+        for name, keys in together_keys.items():
+            np.testing.assert_array_equal(keys[:, j], alone_keys[name][:, 0])
+        alone = editor.compute_targets([batch[j]])
+        np.testing.assert_array_equal(together.z[j].numpy(), alone.z[0].numpy())

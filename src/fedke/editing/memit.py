@@ -349,19 +349,13 @@ class _ByWidth:
     own length only, never on which requests share its batch."""
 
     def __init__(self, make: Callable[[_Rows], _TargetForward], rows: _Rows) -> None:
-        lengths = rows.attention_mask.sum(1)
-        widths = -(-lengths // WIDTH_STEP) * WIDTH_STEP
-        self.parts: list[tuple[torch.Tensor, torch.Tensor, _TargetForward]] = []
+        self.parts: list[tuple[torch.Tensor, int, _TargetForward]] = []
         order = []
-        for width in sorted(set(widths.tolist())):
-            members = (widths == width).nonzero().flatten()
+        for members, width, padded in _width_groups(rows.attention_mask):
+            fillers = len(padded) - len(members)
             local = torch.full((rows.input_ids.shape[0],), -1, dtype=torch.long, device=members.device)
             local[members] = torch.arange(len(members), device=members.device)
             reads = (local[rows.loss_rows] >= 0).nonzero().flatten()
-            # fillers (copies of the first row, read by no loss) keep every matrix product at least
-            # MIN_GEMM_ROWS rows tall: BLAS rounds products of very few rows differently
-            fillers = max(0, -(-MIN_GEMM_ROWS // width) - len(members))
-            padded = torch.cat([members, members[:1].repeat(fillers)])
             sub = _Rows(rows.input_ids[padded, :width], rows.attention_mask[padded, :width], rows.lookups[padded],
                         local[rows.loss_rows[reads]], rows.loss_positions[reads])
             self.parts.append((members, fillers, make(sub)))
@@ -382,6 +376,23 @@ class _ByWidth:
                 mine = delta_rows[members]
                 outputs.append(forward(torch.cat([mine, mine.new_zeros(fillers, mine.shape[1])]) if fillers else mine))
         return torch.cat(outputs)[self.inverse]
+
+
+def _width_groups(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """Rows grouped by their own length rounded up to WIDTH_STEP: ``(members, width, padded)``.
+
+    ``padded`` is ``members`` plus fillers (copies of its first row, read by nothing) so that every
+    matrix product is at least MIN_GEMM_ROWS rows tall: BLAS rounds products of very few rows
+    differently. A row's arithmetic then depends on its own length only, never on its batch mates
+    (so targets and keys are the same whether requests are edited together or apart).
+    """
+    widths = -(-attention_mask.sum(1) // WIDTH_STEP) * WIDTH_STEP
+    groups = []
+    for width in sorted(set(widths.tolist())):
+        members = (widths == width).nonzero().flatten()
+        fillers = max(0, -(-MIN_GEMM_ROWS // width) - len(members))
+        groups.append((members, int(width), torch.cat([members, members[:1].repeat(fillers)])))
+    return groups
 
 
 def _lm_head_rows(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -831,44 +842,60 @@ class MemitEditor:
 
     @torch.no_grad()
     def _keys_and_outputs(self, requests: Sequence[EditRequest]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Keys (d_in x M, averaged over contexts) of every edited layer, and the last edited
-        block's output (M x d_model) at the fact token of the plain request prompt."""
+        """Keys (d_in x M, weighted over contexts: :meth:`context_weights`) of every edited layer,
+        and the last edited block's output (M x d_model) at the fact token of the plain prompt.
+
+        Rows run in groups of their own width (:func:`_width_groups`), so a request's keys do not
+        depend on which requests share its batch."""
         templates, subjects, owners = self._prompts_with_context(requests)
         ctx = self._encode(templates, subjects, owners)
-        captured: dict[str, torch.Tensor] = {}
-        rows = torch.arange(ctx.input_ids.shape[0], device=self.device)
-
-        def capture(name: str):
-            def hook(_module, inputs):
-                captured[name] = inputs[0][rows, ctx.lookup].to(torch.float64)
-            return hook
-
-        handles = [get_module(self.model, name).register_forward_pre_hook(capture(name)) for name in self.layer_names]
-        try:
-            self._forward_through_last_layer(ctx.input_ids, ctx.attention_mask)
-        finally:
-            for handle in handles:
-                handle.remove()
+        inputs, outputs = self._read_at_fact_tokens(ctx)
         weights = torch.tensor(self.context_weights(), dtype=torch.float64, device=self.device)
         row_weight = weights.repeat(len(requests)).unsqueeze(1)  # rows are request-major, contexts in order
         keys = {}
         for name in self.layer_names:
-            summed = torch.zeros(len(requests), captured[name].shape[1], dtype=torch.float64, device=self.device)
-            keys[name] = summed.index_add(0, ctx.owner, captured[name] * row_weight).T.contiguous()
+            summed = torch.zeros(len(requests), inputs[name].shape[1], dtype=torch.float64, device=self.device)
+            keys[name] = summed.index_add(0, ctx.owner, inputs[name] * row_weight).T.contiguous()
+        contexts = self.context_templates()
+        if "{}" in contexts:  # the plain prompt is one of the contexts: its row already ran
+            return keys, outputs[_first_rows(ctx.owner, len(requests)) + contexts.index("{}")]
         plain = self._encode([r.prompt for r in requests], [r.subject for r in requests], list(range(len(requests))))
-        block = get_module(self.model, self.preset.block_name(self.preset.layers[-1]))
-        out: dict[str, torch.Tensor] = {}
+        return keys, self._read_at_fact_tokens(plain)[1]
 
-        def grab(_module, _inputs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            out["h"] = hidden[torch.arange(len(requests), device=self.device), plain.lookup].to(torch.float64)
+    def _read_at_fact_tokens(self, encoded: _Encoded) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each edited layer's input (rows x d_in) and the last edited block's output (rows x d) at
+        each row's fact token, float64, the model run only as far as that block."""
+        n_rows = encoded.input_ids.shape[0]
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for members, width, padded in _width_groups(encoded.attention_mask):
+            at = (torch.arange(len(padded), device=self.device), encoded.lookup[padded])
+            n = len(members)
 
-        handle = block.register_forward_hook(grab)
-        try:
-            self._forward_through_last_layer(plain.input_ids, plain.attention_mask)
-        finally:
-            handle.remove()
-        return keys, out["h"]
+            def capture(name: str):
+                def hook(_module, args):
+                    value = args[0][at][:n].to(torch.float64)
+                    if name not in inputs:
+                        inputs[name] = torch.empty(n_rows, value.shape[1], dtype=torch.float64, device=self.device)
+                    inputs[name][members] = value
+                return hook
+
+            def grab(_module, _inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                outputs.append((members, hidden[at][:n].to(torch.float64)))
+
+            block = get_module(self.model, self.preset.block_name(self.preset.layers[-1]))
+            handles = [get_module(self.model, name).register_forward_pre_hook(capture(name)) for name in self.layer_names]
+            handles.append(block.register_forward_hook(grab))
+            try:
+                self._forward_through_last_layer(encoded.input_ids[padded, :width], encoded.attention_mask[padded, :width])
+            finally:
+                for handle in handles:
+                    handle.remove()
+        output = torch.empty(n_rows, outputs[0][1].shape[1], dtype=torch.float64, device=self.device)
+        for members, value in outputs:
+            output[members] = value
+        return inputs, output
 
     def _forward_through_last_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Run the model only as far as the last edited block: keys and ``h`` are read there, so the
