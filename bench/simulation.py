@@ -83,14 +83,14 @@ _RUN_FINISHED = re.compile(r"Run finished (\d+) round\(s\) in ([0-9.]+)s")
 # ----------------------------------------------------------------------------- the scenario
 def scenario_config(args, n_clients: int) -> dict:
     """The run config (flat ``[tool.flwr.app.config]`` keys) for ``n_clients``."""
-    from fedke.simulations.launch import _parse_cli_config, load_run_config
+    from fedke.simulations.launch import load_run_config, read_overrides
     from fedke.simulations.scenario import PRESET_DIR
 
     preset = Path(args.preset)
     if not preset.exists():
         preset = PRESET_DIR / f"{args.preset}.toml"
     config = load_run_config(preset)
-    config.update(_parse_cli_config(args.config))
+    config.update(read_overrides(args.config))
     config.update({"num-clients": n_clients, "num-rounds": args.rounds, "strategy": args.strategy})
     if args.cache_dir:
         config["cache-dir"] = str(Path(args.cache_dir).resolve())
@@ -407,10 +407,10 @@ class _TimedLines:
 
 
 def run_flower(config: dict, n_clients: int, args) -> dict:
-    from fedke.simulations.launch import _parse_cli_config, run_app
+    from fedke.simulations.launch import read_overrides, run_app
 
     home = Path(tempfile.mkdtemp(prefix="fedke-bench-flwr-home-")).resolve()
-    federation = _parse_cli_config(args.federation_config)
+    federation = read_overrides(args.federation_config)
     saved = {k: os.environ.get(k) for k in thread_env(args.threads)}
     os.environ.update(thread_env(args.threads))  # inherited by every Flower process
     t0 = time.perf_counter()
