@@ -74,9 +74,11 @@ except ModuleNotFoundError:  # Python 3.10 (tomli comes with flwr)
     import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
+    "OverrideError",
     "RunFailed",
     "RunResult",
     "RunTimedOut",
+    "app_config",
     "format_config_args",
     "format_config_value",
     "load_run_config",
@@ -470,9 +472,10 @@ def load_run_config(path: str | os.PathLike) -> dict[str, object]:
         return _flatten(tomllib.load(fh))
 
 
-def _check_app_dir(app_dir: Path) -> dict[str, object]:
-    """Validate the app's pyproject.toml; return its flattened ``[tool.flwr.app.config]``."""
-    pyproject = app_dir / "pyproject.toml"
+def app_config(app_dir: str | os.PathLike) -> dict[str, object]:
+    """Validate the app's pyproject.toml; return its flattened ``[tool.flwr.app.config]`` (the
+    run config's defaults). FileNotFoundError / ValueError name what is wrong."""
+    pyproject = Path(app_dir) / "pyproject.toml"
     if not pyproject.is_file():
         raise FileNotFoundError(f"no pyproject.toml in {app_dir}")
     with pyproject.open("rb") as fh:
@@ -639,7 +642,7 @@ def run_app(
     if num_supernodes < 1:
         raise ValueError(f"num_supernodes must be a positive int, got {num_supernodes!r}")
     app_path = Path(app_dir).expanduser().resolve()
-    defaults = _check_app_dir(app_path)
+    defaults = app_config(app_path)
     _check_run_config_keys(run_config or {}, defaults, app_path / "pyproject.toml")
     fed = {"num-supernodes": num_supernodes, **dict(federation_config or {})}
     run_args = format_config_args(run_config)
@@ -774,6 +777,10 @@ def run_app(
 
 
 # ------------------------------------------------------------------------------------------ CLI
+class OverrideError(ValueError):
+    """A ``-c`` argument that is neither ``key=value`` pairs nor a readable TOML file."""
+
+
 _OVERRIDE_PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")  # flwr's parse_config_args pattern
 
 
@@ -784,39 +791,39 @@ def read_overrides(arguments: Iterable[str] | None) -> dict[str, object]:
     ``flwr run --run-config file.toml`` does) or ``key=value`` pairs in Flower's syntax
     (``"num-clients=3 strategy='fedavg'"``: TOML values), so ``-c presets/tiny.toml -c num-rounds=1``
     works. A bare word is taken as a string (``strategy=fedavg``). ``fedke run``, ``fedke compare``
-    and ``python -m fedke.simulations.launch`` all read ``-c`` through here. Raises ValueError naming
-    the argument that is neither.
+    and ``python -m fedke.simulations.launch`` all read ``-c`` through here. Raises
+    :class:`OverrideError` naming the argument that is neither.
     """
     merged: dict[str, object] = {}
     for argument in arguments or []:
         text = argument.strip()
         if text.endswith(".toml"):
             if not Path(text).expanduser().is_file():
-                raise ValueError(f"-c {argument!r}: no such run-config file")
+                raise OverrideError(f"-c {argument!r}: no such run-config file")
             try:
                 merged.update(load_run_config(text))
             except tomllib.TOMLDecodeError as err:
-                raise ValueError(f"-c {argument!r}: not a valid TOML file ({err})") from None
+                raise OverrideError(f"-c {argument!r}: not a valid TOML file ({err})") from None
             continue
         pairs = _OVERRIDE_PAIR.findall(text)
         leftover = _OVERRIDE_PAIR.sub("", text).strip()
         if not pairs or leftover:
-            raise ValueError(f"-c {argument!r}: expected key=value pairs (strings quoted: name='x') or a .toml "
-                             f"file{f'; cannot read {leftover!r}' if leftover else ''}")
+            raise OverrideError(f"-c {argument!r}: expected key=value pairs (strings quoted: name='x') or a .toml "
+                                f"file{f'; cannot read {leftover!r}' if leftover else ''}")
         for key, raw in pairs:
             merged[key] = _override_value(key, raw)
     return merged
 
 
 def _override_value(key: str, raw: str) -> object:
-    """One ``key=value`` value as TOML reads it (a bare word as a string); ValueError names ``key``."""
+    """One ``key=value`` value as TOML reads it (a bare word as a string); OverrideError names ``key``."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:/-]*", raw) and raw.lower() not in ("nan", "inf"):
             return raw
-        raise ValueError(f"-c {key}={raw}: the value is not a TOML bool, number or string "
-                         f"(quote strings: {key}='...')") from None
+        raise OverrideError(f"-c {key}={raw}: the value is not a TOML bool, number or string "
+                            f"(quote strings: {key}='...')") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,12 +44,9 @@ def _model(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from fedke.simulations.inprocess import compare_methods
     from fedke.simulations.launch import read_overrides
-    from fedke.simulations.scenario import ConfigError, Scenario
+    from fedke.simulations.scenario import Scenario
 
-    try:
-        overrides = read_overrides(args.config)
-    except ValueError as err:  # a -c argument that is neither key=value pairs nor a TOML file
-        raise ConfigError(str(err)) from None
+    overrides = read_overrides(args.config)
     scenario = Scenario.from_preset(args.preset, **{k.replace("-", "_"): v for k, v in overrides.items()})
     comparison = compare_methods(scenario)
     comparison.writer.write()
@@ -60,22 +57,15 @@ def _compare(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Check the whole run config (pyproject defaults + ``-c``) as a Scenario first: a bad key or
     value is refused here, naming it, before any SuperLink starts."""
-    import tomllib
-    from pathlib import Path
-
+    from fedke.simulations.launch import app_config, read_overrides
     from fedke.simulations.launch import main as launch_main
-    from fedke.simulations.launch import read_overrides
     from fedke.simulations.scenario import ConfigError, Scenario
 
-    pyproject = Path(args.app_dir) / "pyproject.toml"
-    if not pyproject.is_file():
-        raise ConfigError(f"no pyproject.toml in {args.app_dir} (the Flower app directory)")
-    app = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
     try:
-        config = {**app.get("config", {}), **read_overrides(args.config)}
-    except ValueError as err:  # a -c argument that is neither key=value pairs nor a TOML file
+        defaults = app_config(args.app_dir)
+    except (FileNotFoundError, ValueError) as err:  # no pyproject.toml, no [tool.flwr.app]
         raise ConfigError(str(err)) from None
-    scenario = Scenario.from_run_config(config)
+    scenario = Scenario.from_run_config({**defaults, **read_overrides(args.config)})
     num_supernodes = args.num_supernodes or scenario.num_clients  # one SuperNode per client
     argv = [args.app_dir, "--num-supernodes", str(num_supernodes)]
     for pair in args.config:
@@ -114,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from fedke.data.records import RecordError
+    from fedke.simulations.launch import OverrideError
     from fedke.simulations.scenario import ConfigError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, RecordError) as err:  # they name the key / file / record at fault
+    except (ConfigError, OverrideError, RecordError) as err:  # they name the key / argument / file at fault
         print(f"fedke {args.command}: error: {err}", file=sys.stderr)
         return 2
 
