@@ -125,10 +125,11 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any, *, choices: tuple[Any, ...] | None = None, at_least: float | None = None,
-            above: float | None = None, at_most: float | None = None) -> Any:
-    """A scenario field with its default and the values it accepts, checked when a scenario is built."""
+            above: float | None = None, at_most: float | None = None, any_case: bool = False) -> Any:
+    """A scenario field with its default and the values it accepts, checked when a scenario is built
+    (``any_case``: a string choice is matched in any letter case, e.g. TOML's ``True`` for ``"true"``)."""
     return field(default=default, metadata={"choices": choices, "at_least": at_least, "above": above,
-                                            "at_most": at_most})
+                                            "at_most": at_most, "any_case": any_case})
 
 
 def config_key(name: str) -> str:
@@ -190,9 +191,7 @@ def _checked_value(spec: Field, value: Any) -> Any:
     rules = spec.metadata
     if rules.get("choices") is not None:
         if isinstance(value, str):
-            value = value.strip()
-            if spec.name == "layerwise":
-                value = value.lower()
+            value = value.strip().lower() if rules.get("any_case") else value.strip()
         if value not in rules["choices"]:
             allowed = ", ".join(repr(choice) for choice in rules["choices"])
             raise ConfigError(f"{key} must be one of {allowed}, got {shown}")
@@ -224,7 +223,7 @@ class Scenario:
     model_width: int = setting(128, at_least=1)
     model_epochs: int = setting(40, at_least=1)
     editor_mode: str = setting("decoupled", choices=("decoupled", "sequential"))
-    layerwise: str = setting("auto", choices=("auto", "true", "false"))
+    layerwise: str = setting("auto", choices=("auto", "true", "false"), any_case=True)
     fact_token: str = setting("auto", choices=("auto", "last", "subject_last"))
     lam: float = setting(0.0, at_least=0.0)
     knowledge_weight: float = setting(0.0, at_least=0.0)
