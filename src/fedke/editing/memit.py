@@ -196,18 +196,27 @@ class _Encoded:
 
 
 @dataclass
-class _TargetBatch:
-    """The rows of one target-optimisation batch: each request's context prompts (+ target tokens),
-    then one KL prompt per request; and the positions the loss reads."""
+class _Rows:
+    """Token rows of a forward pass, each row's fact token, and the (row, position) pairs whose
+    logits the loss reads."""
 
-    requests: torch.Tensor  # (a,) indices of the batch's requests in the caller's list
     input_ids: torch.Tensor  # (R, W)
     attention_mask: torch.Tensor
-    lookups: torch.Tensor  # (R,) fact-token position of each row
+    lookups: torch.Tensor  # (R,)
+    loss_rows: torch.Tensor  # (P,)
+    loss_positions: torch.Tensor
+
+
+@dataclass
+class _TargetBatch:
+    """The rows of one target-optimisation batch: each request's context prompts (+ target tokens),
+    then one KL prompt per request; the loss reads first every target token's position, then each
+    KL row's fact token."""
+
+    requests: torch.Tensor  # (a,) indices of the batch's requests in the caller's list
+    rows: _Rows
     row_owner: torch.Tensor  # (R,) 0..a-1
     n_rewrite: int  # rows [0, n_rewrite) are context prompts, the rest KL prompts
-    loss_rows: torch.Tensor  # (P,) first every target token's position, then each KL row's fact token
-    loss_positions: torch.Tensor
     target_row: torch.Tensor  # (n_target,) the row of each target token
     target_tokens: torch.Tensor
     tokens_per_row: torch.Tensor
@@ -226,18 +235,6 @@ class _StopForward(Exception):
 class _ReplayMismatch(RuntimeError):
     """The replayed upper blocks do not reproduce the model's logits (an architecture whose forward
     does more than blocks, final norm and LM head)."""
-
-
-@dataclass
-class _Rows:
-    """Token rows of a forward pass, each row's fact token, and the (row, position) pairs whose
-    logits the loss reads."""
-
-    input_ids: torch.Tensor  # (R, W)
-    attention_mask: torch.Tensor
-    lookups: torch.Tensor  # (R,)
-    loss_rows: torch.Tensor  # (P,)
-    loss_positions: torch.Tensor
 
 
 class _TargetForward(Protocol):
@@ -742,24 +739,23 @@ class MemitEditor:
         row_of_target = torch.tensor(target_row, device=device)
         return _TargetBatch(
             requests=torch.tensor(list(indices), device=device),
-            input_ids=input_ids, attention_mask=attention,
-            lookups=torch.cat([rewrite.lookup, kl.lookup]), row_owner=torch.cat([rewrite.owner, kl.owner]),
-            n_rewrite=n_rewrite,
-            loss_rows=torch.cat([row_of_target, torch.arange(n_rewrite, n_rewrite + len(indices), device=device)]),
-            loss_positions=torch.cat([torch.tensor(target_pos, device=device), kl.lookup]),
+            rows=_Rows(input_ids, attention, lookups=torch.cat([rewrite.lookup, kl.lookup]),
+                       loss_rows=torch.cat([row_of_target,
+                                            torch.arange(n_rewrite, n_rewrite + len(indices), device=device)]),
+                       loss_positions=torch.cat([torch.tensor(target_pos, device=device), kl.lookup])),
+            row_owner=torch.cat([rewrite.owner, kl.owner]), n_rewrite=n_rewrite,
             target_row=row_of_target, target_tokens=torch.tensor(target_tok, device=device),
             tokens_per_row=torch.bincount(row_of_target, minlength=n_rewrite).to(torch.float64),
             prompts_per_request=torch.bincount(rewrite.owner, minlength=len(indices)).to(torch.float64),
             first_rows=_first_rows(rewrite.owner, len(indices)))
 
     def _target_forward(self, batch: "_TargetBatch") -> "_TargetForward":
-        rows = _Rows(batch.input_ids, batch.attention_mask, batch.lookups, batch.loss_rows, batch.loss_positions)
         if self.config.target_forward == "upper":
             try:
-                return _ByWidth(lambda part: _UpperStack(self.model, self.preset, part), rows)
+                return _ByWidth(lambda part: _UpperStack(self.model, self.preset, part), batch.rows)
             except _ReplayMismatch as err:
                 log.warning("target optimisation runs the whole model every step: %s", err)
-        return _ByWidth(lambda part: _WholeModel(self.model, self.preset, part), rows)
+        return _ByWidth(lambda part: _WholeModel(self.model, self.preset, part), batch.rows)
 
     def _optimise_targets(self, requests: Sequence[EditRequest],
                           progress: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -868,6 +864,7 @@ class MemitEditor:
         n_rows = encoded.input_ids.shape[0]
         inputs: dict[str, torch.Tensor] = {}
         outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        block = get_module(self.model, self.preset.block_name(self.preset.layers[-1]))
         for members, width, padded in _width_groups(encoded.attention_mask):
             at = (torch.arange(len(padded), device=self.device), encoded.lookup[padded])
             n = len(members)
@@ -884,7 +881,6 @@ class MemitEditor:
                 hidden = output[0] if isinstance(output, tuple) else output
                 outputs.append((members, hidden[at][:n].to(torch.float64)))
 
-            block = get_module(self.model, self.preset.block_name(self.preset.layers[-1]))
             handles = [get_module(self.model, name).register_forward_pre_hook(capture(name)) for name in self.layer_names]
             handles.append(block.register_forward_hook(grab))
             try:
