@@ -17,7 +17,7 @@ the positions its loss reads, a backward of the same cost for every pass but the
 passes it ran), averaged over the requests; ``achieved_gflops`` is that work over fedke's target
 seconds, ``matmul_gflops`` a dense float32 matmul on the same device in the same run.
 
-Writes ``{"runs": [{"model", "n", "impl", "ES", "PS", "NS", "Score", "seconds", ...}],
+Writes exactly ``{"runs": [{"model", "n", "impl", "ES", "PS", "NS", "Score", "seconds"}],
 "speedup": {"<model>/<n>": single seconds / fedke seconds}, "flops_per_request": {...},
 "achieved_gflops": {...}, "matmul_gflops": x}``.
 """
@@ -39,6 +39,10 @@ from fedke.editing import applied_update  # noqa: E402
 from fedke.editing.presets import get_module, num_layers  # noqa: E402
 from fedke.editing.reference import single_request_targets  # noqa: E402
 from fedke.eval import evaluate_cases  # noqa: E402
+
+
+#: The keys of each run in the JSON (the printed table adds target seconds, passes and peak RSS).
+RUN_KEYS = ("model", "n", "impl", "ES", "PS", "NS", "Score", "seconds")
 
 
 def load_bed(model: str, device: str):
@@ -84,7 +88,7 @@ def target_flops(editor, requests, steps) -> list[float]:
     flops = []
     for request, passes in zip(requests, steps):
         target = editor._target_ids(request.target_new)
-        prompts = [t.format(request.prompt) if t != "{}" else request.prompt for t in editor.context_templates()]
+        prompts, _, _ = editor._prompts_with_context([request])  # the rows the optimisation runs
         lengths = [len(tokenizer(p.format(request.subject))["input_ids"]) + len(target) - 1 for p in prompts]
         lengths.append(len(tokenizer(editor.config.kl_prompt.format(request.subject))["input_ids"]))
         blocks = sum(t * per_token + len(upper) * 4 * d_model * t * t / 2 for t in lengths)  # causal attention
@@ -125,8 +129,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     result = {"runs": [], "speedup": {}, "flops_per_request": {}, "achieved_gflops": {},
-              "matmul_gflops": matmul_gflops(args.device), "device": args.device, "mode": args.mode,
-              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+              "matmul_gflops": matmul_gflops(args.device)}
     for model in args.model:
         bed = load_bed(model, args.device)
         for n in args.edits:
@@ -146,10 +149,12 @@ def main(argv=None) -> dict:
                     result["achieved_gflops"][key] = sum(flops) / row["target_seconds"] / 1e9
             if "single" in rows and "fedke" in rows:
                 result["speedup"][f"{model}/{n}"] = rows["single"]["seconds"] / rows["fedke"]["seconds"]
-    print_table(result["runs"], ["model", "n", "impl", "ES", "PS", "NS", "Score", "seconds", "target_seconds",
-                                 "mean_passes"], title=f"MEMIT edit, {args.device}")
+    print_table(result["runs"], [*RUN_KEYS, "target_seconds", "mean_passes", "peak_rss_mb"],
+                title=f"MEMIT edit, {args.device}, {args.mode} mode, {torch.get_num_threads()} threads "
+                      f"of {os.cpu_count()} cores")
     print(f"speedup (single / fedke seconds): {result['speedup']}")
     print(f"achieved {result['achieved_gflops']} GFLOP/s of a {result['matmul_gflops']:.0f} GFLOP/s matmul")
+    result["runs"] = [{key: run[key] for key in RUN_KEYS} for run in result["runs"]]  # the issue's keys only
     write_json(args.out, result)
     return result
 
