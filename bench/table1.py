@@ -91,12 +91,15 @@ def main(argv=None) -> dict:
                         help="world (the synthetic world's GPT-2) or smollm2 (the real model; its real-fact set)")
     parser.add_argument("--model-path", default="", help="a real model from a local path (with --model smollm2)")
     parser.add_argument("--cache-dir", default="")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="keys and targets bit-identical whatever the batch (the scenario key batch-invariant): "
+                             "CollabEdit then equals Global-Edit up to the wire's rounding")
     parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true", help="tiny world, 3 clients x 4 edits")
     args = parser.parse_args(argv)
     overrides = dict(editor_mode=args.mode, wire_dtype="float64", ta_lambda=args.ta_lambda, ties_k=args.ties_k,
                      ties_lambda=args.ties_lambda, seed=args.seed, passes=args.passes, output_dir="fedke-results/table1",
-                     cache_dir=args.cache_dir)
+                     cache_dir=args.cache_dir, batch_invariant=args.batch_invariant)
     if args.lam is not None:
         overrides["lam"] = args.lam
     if args.quick:

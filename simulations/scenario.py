@@ -30,6 +30,9 @@ Every key of the run config has a field here (hyphens become underscores)::
     knowledge-weight = 0.0       # alpha: A0 = lam C0 + alpha K0 K0^T over the keys of every fact the world model
                                  # knows (MemitConfig.knowledge_weight; 0 = MEMIT's C0 over text alone)
     passes = 1                   # MEMIT passes with the targets fixed (MemitConfig.passes; 1 = MEMIT)
+    batch-invariant = false      # true: keys and targets bit-identical whichever requests share a batch, so
+                                 # CollabEdit equals Global-Edit to the wire's rounding (MemitConfig.batch_invariant;
+                                 # 1.2-2.2x the target time); false: they differ by float32 rounding (~2e-6 relative)
     target-steps = 0             # MEMIT's target optimisation (v_num_grad_steps, clamp_norm_factor, and the
     target-clamp = 0.0           # mean target NLL it stops at); 0 = the settings file's (25 / 0.75 / 0.05). A
     target-loss-stop = 0.0       # well-trained wide world model needs stronger ones (fedke.testbed.STRONG_TARGETS)
@@ -228,6 +231,7 @@ class Scenario:
     lam: float = setting(0.0, at_least=0.0)
     knowledge_weight: float = setting(0.0, at_least=0.0)
     passes: int = setting(1, at_least=1)
+    batch_invariant: bool = False
     target_steps: int = setting(0, at_least=0)  # 0 / 0.0: the model's settings file (fedke.editing.hparams)
     target_clamp: float = setting(0.0, at_least=0.0)
     target_loss_stop: float = setting(0.0, at_least=0.0)
@@ -483,6 +487,7 @@ class Scenario:
         """MemitConfig fields this scenario sets (the settings file's values where a key is left to it)."""
         memit = self.settings.memit
         return {"mode": self.editor_mode, "fact_token": memit.fact_token, "lam": memit.lam, "passes": self.passes,
+                "batch_invariant": self.batch_invariant,
                 "knowledge_weight": self.knowledge_weight, "v_num_grad_steps": memit.v_num_grad_steps,
                 "clamp_norm_factor": memit.clamp_norm_factor, "loss_stop": memit.loss_stop}
 

@@ -90,7 +90,7 @@ def test_kl_direction_and_early_stop_are_named_settings_that_change_the_targets(
 
 @pytest.mark.parametrize("key, value", [("early_stop", "never"), ("kl_direction", "forward"),
                                         ("key_weighting", "even"), ("target_forward", "half"),
-                                        ("target_batch", 0), ("target_batch", True)])
+                                        ("target_batch", 0), ("target_batch", True), ("batch_invariant", 1)])
 def test_bad_settings_are_refused_naming_them(key, value):
     with pytest.raises(ValueError, match=key):
         MemitConfig(**{key: value})
@@ -156,3 +156,34 @@ def test_keys_and_targets_do_not_depend_on_batch_mates_of_other_lengths(tiny_bed
             np.testing.assert_array_equal(keys[:, j], alone_keys[name][:, 0])
         alone = editor.compute_targets([batch[j]])
         np.testing.assert_array_equal(together.z[j].numpy(), alone.z[0].numpy())
+
+
+def test_fixed_shape_chunks_cover_every_row_once_at_one_shape_per_width():
+    from fedke.editing.memit import _width_groups
+
+    lengths = torch.tensor([3, 9, 9, 17, 4, 12, 16, 9] * 7)
+    mask = (torch.arange(24)[None, :] < lengths[:, None]).long()
+    for chunk_tokens in (0, 64):
+        groups = _width_groups(mask, chunk_tokens)
+        members = torch.cat([m for m, _, _ in groups])
+        assert sorted(members.tolist()) == list(range(len(lengths)))
+        for part, width, padded in groups:
+            assert bool((-(-lengths[part] // 8) * 8 == width).all())
+            assert padded[: len(part)].tolist() == part.tolist()
+            if chunk_tokens:
+                assert len(padded) == -(-chunk_tokens // width)  # the chunk's shape depends on its width only
+            else:
+                assert len(padded) * width >= 32
+
+
+def test_batch_invariant_targets_are_bit_identical_alone_and_among_many(tiny_bed):
+    """Enough requests that a width spans several chunks: a request's keys and targets are the
+    same bits wherever it lands."""
+    requests = _requests(tiny_bed, 24)
+    editor = tiny_bed.editor(batch_invariant=True, v_num_grad_steps=3)
+    together_keys, together = editor.keys(requests), editor.compute_targets(requests)
+    for j in (0, 13, 23):
+        alone_keys = editor.keys([requests[j]])
+        for name, keys in together_keys.items():
+            np.testing.assert_array_equal(keys[:, j], alone_keys[name][:, 0])
+        np.testing.assert_array_equal(together.z[j].numpy(), editor.compute_targets([requests[j]]).z[0].numpy())

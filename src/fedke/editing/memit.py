@@ -92,6 +92,13 @@ class MemitConfig:
         step). The two give the same targets up to float rounding.
     target_batch: requests whose targets are optimised together (memory; targets do not depend
         on it: each request's loss is its own).
+    batch_invariant: run every forward of keys and targets in chunks of one fixed shape
+        (``CHUNK_TOKENS`` tokens of one width: :func:`_width_groups`), so that a request's keys
+        and targets are bit-for-bit the same whichever requests share its batch or client, and
+        CollabEdit equals Global-Edit up to the wire's rounding. Off: one forward per width,
+        whose float32 rounding follows the batch (BLAS picks kernels by row count): targets of
+        the same request then differ by ~1e-5 between batches and CollabEdit's update from
+        Global-Edit's by ~2e-6 (relative) on SmolLM2, at 1.2-2.2x less target time.
     residual_split: ``"remaining"`` (reference: divide by the layers left) or ``"even"`` (by L).
     passes: how many times keys, residuals and solves run with the targets fixed (1: MEMIT).
     kl_prompt: the essence prompt of the KL term.
@@ -116,6 +123,7 @@ class MemitConfig:
     key_weighting: KeyWeighting = "grouped"
     target_forward: TargetForward = "upper"
     target_batch: int = 64
+    batch_invariant: bool = False
     residual_split: Literal["remaining", "even"] = "remaining"
     passes: int = 1
     kl_prompt: str = "{} is a"
@@ -145,6 +153,8 @@ class MemitConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if isinstance(self.target_batch, bool) or not isinstance(self.target_batch, int) or self.target_batch < 1:
             raise ValueError(f"target_batch must be a positive integer, got {self.target_batch!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
         if self.context_templates is not None and not all("{}" in t for t in self.context_templates):
             raise ValueError("every context template must hold '{}' for the prompt")
 
@@ -289,8 +299,9 @@ class _UpperStack:
     model: its logits without delta must equal the model's own (:class:`_ReplayMismatch` otherwise).
     """
 
-    def __init__(self, model: torch.nn.Module, preset: LayerPreset, rows: _Rows) -> None:
-        self.rows = rows
+    def __init__(self, model: torch.nn.Module, preset: LayerPreset, rows: _Rows, check: bool = True,
+                 fixed_shapes: bool = False) -> None:
+        self.rows, self.fixed_shapes = rows, fixed_shapes
         last = preset.layers[-1]
         self.blocks = [get_module(model, preset.block_name(i)) for i in range(last + 1, num_layers(model))]
         self.final_norm = get_module(model, preset.final_norm)
@@ -316,12 +327,20 @@ class _UpperStack:
             for handle in handles:
                 handle.remove()
         with torch.no_grad():
-            self.initial_logits = _lm_head_rows(self.lm_head, base.last_hidden_state[rows.loss_rows, rows.loss_positions])
+            self.initial_logits = _lm_head_rows(self.lm_head, base.last_hidden_state[rows.loss_rows, rows.loss_positions],
+                                                fixed_shapes)
+        self.h_last = captured["h"]
+        self.h_lookup = self.h_last[self.at].clone()
+        if check:
+            self._check_replay(model)
+
+    def _check_replay(self, model: torch.nn.Module) -> None:
+        """The logits without delta equal the model's own (one row) and the replay's."""
+        rows = self.rows
+        with torch.no_grad():
             first = int(rows.loss_rows[0])
             own = model(input_ids=rows.input_ids[first:first + 1], attention_mask=rows.attention_mask[first:first + 1],
                         use_cache=False).logits[0]
-        self.h_last = captured["h"]
-        self.h_lookup = self.h_last[self.at].clone()
         on_first = rows.loss_rows == first
         _check_close("the model's own logits", self.initial_logits[on_first], own[rows.loss_positions[on_first]])
         with torch.no_grad():
@@ -337,25 +356,28 @@ class _UpperStack:
             else:
                 output = block(hidden, *args[1:], **kwargs)
             hidden = output[0] if isinstance(output, tuple) else output
-        return _lm_head_rows(self.lm_head, self.final_norm(hidden[self.rows.loss_rows, self.rows.loss_positions]))
+        return _lm_head_rows(self.lm_head, self.final_norm(hidden[self.rows.loss_rows, self.rows.loss_positions]),
+                             self.fixed_shapes)
 
 
 class _ByWidth:
-    """A forward per group of rows of the same width (its length rounded up to ``WIDTH_STEP``
-    tokens): no row pays for a longer batch mate's padding, and a row's arithmetic depends on its
-    own length only, never on which requests share its batch."""
+    """A forward per group (or fixed-shape chunk) of rows of the same width, its length rounded up
+    to ``WIDTH_STEP`` tokens (:func:`_width_groups`): no row pays for a longer batch mate's
+    padding."""
 
-    def __init__(self, make: Callable[[_Rows], _TargetForward], rows: _Rows) -> None:
+    def __init__(self, make: Callable[[_Rows, bool], _TargetForward], rows: _Rows, chunk_tokens: int) -> None:
+        """``make(rows, first)`` builds one chunk's forward; ``first`` is True for the first chunk
+        only (architecture checks need not run per chunk). ``chunk_tokens``: see :func:`_width_groups`."""
         self.parts: list[tuple[torch.Tensor, int, _TargetForward]] = []
         order = []
-        for members, width, padded in _width_groups(rows.attention_mask):
+        for members, width, padded in _width_groups(rows.attention_mask, chunk_tokens):
             fillers = len(padded) - len(members)
             local = torch.full((rows.input_ids.shape[0],), -1, dtype=torch.long, device=members.device)
             local[members] = torch.arange(len(members), device=members.device)
             reads = (local[rows.loss_rows] >= 0).nonzero().flatten()
             sub = _Rows(rows.input_ids[padded, :width], rows.attention_mask[padded, :width], rows.lookups[padded],
                         local[rows.loss_rows[reads]], rows.loss_positions[reads])
-            self.parts.append((members, fillers, make(sub)))
+            self.parts.append((members, fillers, make(sub, not self.parts)))
             order.append(reads)
         self.inverse = torch.argsort(torch.cat(order))  # concatenated part outputs -> loss order
         first = self.parts[0][2].h_lookup
@@ -375,29 +397,43 @@ class _ByWidth:
         return torch.cat(outputs)[self.inverse]
 
 
-def _width_groups(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-    """Rows grouped by their own length rounded up to WIDTH_STEP: ``(members, width, padded)``.
+def _width_groups(attention_mask: torch.Tensor, chunk_tokens: int = 0) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """Rows grouped by their length rounded up to WIDTH_STEP: ``(members, width, padded)``, where
+    ``padded`` is ``members`` plus fillers (copies of its first row, read by nothing).
 
-    ``padded`` is ``members`` plus fillers (copies of its first row, read by nothing) so that every
-    matrix product is at least MIN_GEMM_ROWS rows tall: BLAS rounds products of very few rows
-    differently. A row's arithmetic then depends on its own length only, never on its batch mates
-    (so targets and keys are the same whether requests are edited together or apart).
+    ``chunk_tokens == 0``: one group per width, at least MIN_GEMM_ROWS tokens (BLAS rounds
+    products of very few rows differently): no row pays for a longer batch mate's padding, and
+    on GPT-2 a row's arithmetic depends on its own length only.
+
+    ``chunk_tokens > 0``: every chunk of width ``w`` is exactly ``ceil(chunk_tokens / w)`` rows.
+    Matrix products then have the same shapes whichever requests share a batch, and BLAS rounds
+    a row the same way only when the product's shape is the same (MKL switches kernels on the
+    row count: a row of ``x @ W`` with W 1536 x 576 differs in the last bit between 56 and 64
+    rows). So a request's keys and targets are bit-for-bit the same edited alone, with others,
+    or in another client's batch.
     """
     widths = -(-attention_mask.sum(1) // WIDTH_STEP) * WIDTH_STEP
     groups = []
     for width in sorted(set(widths.tolist())):
         members = (widths == width).nonzero().flatten()
-        fillers = max(0, -(-MIN_GEMM_ROWS // width) - len(members))
-        groups.append((members, int(width), torch.cat([members, members[:1].repeat(fillers)])))
+        tall = -(-chunk_tokens // width) if chunk_tokens else max(len(members), -(-MIN_GEMM_ROWS // width))
+        for start in range(0, len(members), tall):
+            part = members[start:start + tall]
+            groups.append((part, int(width), torch.cat([part, part[:1].repeat(tall - len(part))])))
     return groups
 
 
-def _lm_head_rows(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``lm_head(hidden)`` for rows ``(P, d)``, computed at least MIN_GEMM_ROWS rows tall (see :class:`_ByWidth`)."""
-    short = MIN_GEMM_ROWS - hidden.shape[0]
-    if short <= 0:
-        return lm_head(hidden)
-    return lm_head(torch.cat([hidden, hidden[:1].expand(short, -1)]))[: hidden.shape[0]]
+def _lm_head_rows(lm_head: torch.nn.Module, hidden: torch.Tensor, fixed: bool) -> torch.Tensor:
+    """``lm_head(hidden)`` for rows ``(P, d)``, in products at least MIN_GEMM_ROWS rows tall, or
+    (``fixed``) exactly MIN_GEMM_ROWS rows each, the last one padded, so that a row's logits do
+    not depend on how many rows share it (see :func:`_width_groups`)."""
+    n = hidden.shape[0]
+    short = max(MIN_GEMM_ROWS - n, 0) if not fixed else -n % MIN_GEMM_ROWS
+    if short:
+        hidden = torch.cat([hidden, hidden[:1].expand(short, -1)])
+    if not fixed:
+        return lm_head(hidden)[:n]
+    return torch.cat([lm_head(piece) for piece in hidden.split(MIN_GEMM_ROWS)])[:n]
 
 
 def _check_close(what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -749,13 +785,20 @@ class MemitEditor:
             prompts_per_request=torch.bincount(rewrite.owner, minlength=len(indices)).to(torch.float64),
             first_rows=_first_rows(rewrite.owner, len(indices)))
 
+    @property
+    def _chunk_tokens(self) -> int:
+        """Tokens per fixed-shape chunk of rows (0: one forward per width): ``batch_invariant``."""
+        return CHUNK_TOKENS if self.config.batch_invariant else 0
+
     def _target_forward(self, batch: "_TargetBatch") -> "_TargetForward":
         if self.config.target_forward == "upper":
             try:
-                return _ByWidth(lambda part: _UpperStack(self.model, self.preset, part), batch.rows)
+                return _ByWidth(lambda part, first: _UpperStack(self.model, self.preset, part, check=first,
+                                                                fixed_shapes=self.config.batch_invariant),
+                                batch.rows, self._chunk_tokens)
             except _ReplayMismatch as err:
                 log.warning("target optimisation runs the whole model every step: %s", err)
-        return _ByWidth(lambda part: _WholeModel(self.model, self.preset, part), batch.rows)
+        return _ByWidth(lambda part, _first: _WholeModel(self.model, self.preset, part), batch.rows, self._chunk_tokens)
 
     def _optimise_targets(self, requests: Sequence[EditRequest],
                           progress: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -841,8 +884,8 @@ class MemitEditor:
         """Keys (d_in x M, weighted over contexts: :meth:`context_weights`) of every edited layer,
         and the last edited block's output (M x d_model) at the fact token of the plain prompt.
 
-        Rows run in groups of their own width (:func:`_width_groups`), so a request's keys do not
-        depend on which requests share its batch."""
+        Rows run in groups of their own width (:func:`_width_groups`); under ``batch_invariant``
+        a request's keys do not depend on which requests share its batch."""
         templates, subjects, owners = self._prompts_with_context(requests)
         ctx = self._encode(templates, subjects, owners)
         inputs, outputs = self._read_at_fact_tokens(ctx)
@@ -865,7 +908,7 @@ class MemitEditor:
         inputs: dict[str, torch.Tensor] = {}
         outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         block = get_module(self.model, self.preset.block_name(self.preset.layers[-1]))
-        for members, width, padded in _width_groups(encoded.attention_mask):
+        for members, width, padded in _width_groups(encoded.attention_mask, self._chunk_tokens):
             at = (torch.arange(len(padded), device=self.device), encoded.lookup[padded])
             n = len(members)
 
@@ -957,8 +1000,11 @@ def _sum_passes(passes: Sequence[Mapping[str, LayerPayload]], regularisers: Mapp
 PAD_MULTIPLE = 32
 #: Target optimisation groups rows by their length rounded up to this many tokens (:class:`_ByWidth`).
 WIDTH_STEP = 8
-#: The fewest rows a matrix product of target optimisation has (:class:`_ByWidth`, :func:`_lm_head_rows`).
+#: The fewest rows a matrix product of target optimisation has (:func:`_width_groups`, :func:`_lm_head_rows`).
 MIN_GEMM_ROWS = 32
+#: Tokens in one chunk of rows of one width under ``batch_invariant`` (:func:`_width_groups`):
+#: measured on SmolLM2 (2 cores), 128 and 512 cost more target time at 2 and 40 requests.
+CHUNK_TOKENS = 256
 
 
 def _bucket(length: int) -> int:
