@@ -3,13 +3,16 @@
 Usage::
 
     python bench/privacy.py --out bench/results/privacy.json [--quick]
+    python bench/privacy.py --model smollm2 --sections attacks --out bench/results/privacy_smollm2.json
 
 Writes exactly::
 
     {"secagg": {"rel_error", "score_plain", "score_secagg", "seconds"},
      "bad_payloads": {"cases", "rejected", "model_unchanged"},
      "large_layers": {"bytes_per_client_round", "peak_rss_mb"},
-     "kkt_inversion": {"M": [...], "cosine": [...], "reid_top1": [...]}}
+     "kkt_inversion": {"M": [...], "cosine": [...], "reid_top1": [...]},
+     "attacks": {"edits_per_client": [...], "kkt_top1": [...], "delta_top1": [...], "pool_size": n,
+                 "chance_top1": 1/n, "secagg_sum": {...}, ...}}
 
 and prints a table per section with more detail.
 
@@ -32,6 +35,30 @@ and prints a table per section with more detail.
   2 and 4 clients (what would grow with N if replies were hoarded).
 * ``kkt_inversion``: :func:`fedke.privacy.inversion_curve` on the world model (first edited layer),
   M in {1, 2, 4, 8, 16, 32}; the table adds the same for an attacker holding K itself.
+* ``attacks`` (``--model world|smollm2``; the other sections always run on the world model): what the
+  server learns from one client's payload at its first edited layer, against a candidate pool of
+  every fact of the model's fact set (each fact's own prompt template; the world model: every
+  template, as its edits draw one; ``pool_size``: distinct subjects, ``pool_prompts``: candidate
+  keys, ``chance_top1 = 1 / pool_size``). On SmolLM2 the pool adds the public fact table's facts the
+  model does not hold (``realfacts.json``, each in its relation's edit template): 3,802 prompts;
+  ``held_pool`` repeats the figures against the 1,215 held facts alone. A client of M edits (distinct subjects; SmolLM2:
+  M in {1, 2, 5, 10, 20, 50}, ``--quick``: {1, 2, 5, 10}) sends its float32 payload; the figures
+  are means over the disjoint clients that the fixed set of edit requests allows.
+  ``kkt_top1``: the eigenvector attack of :func:`fedke.privacy.reidentify` on K K^T;
+  ``kkt_subspace_top1``: subspace membership in the top-M eigenvectors of K K^T;
+  ``delta_top1``: subspace membership in the row space of Delta A0 (:func:`fedke.privacy.delta_key_basis`,
+  A0 = lam C0 the public regulariser); ``delta_naive_top1``: the same on Delta's own row space.
+  Subspace scores rank the subjects; a client's figure is the fraction of its M subjects among the
+  top M (top-1 for M = 1). The target vectors of the edit requests are optimised ONCE and each
+  client's payload is the editor's own (``MemitEditor.edit_with_internals`` with the targets'
+  subset), as targets are optimised per request.
+  ``secagg_sum``: 10 clients edit over SecAgg+ (Flower's quantised modular sum, fedke's two-limb
+  layout, :func:`fedke.simulations.secure.secagg_results`); the server decodes only the sums and
+  publishes the merged Delta. ``union_*``: the union of subjects recovered from the sums;
+  ``per_client_*``: the per-client attack run on the sums (a client's M subjects guessed as the
+  top M): chance is ``1 / clients``, and ``resplit_rel_diff`` shows that another split of the
+  same edits gives the same sums. ``union_curve``: the summed K K^T of 10 clients x E edits
+  (E up to 50) from the pool's keys.
 """
 
 from __future__ import annotations
@@ -286,13 +313,227 @@ def bench_kkt_inversion(quick: bool) -> dict:
     return {"M": curve["M"], "cosine": curve["cosine"], "reid_top1": curve["reid_top1"]}
 
 
-SECTIONS = ("secagg", "bad_payloads", "large_layers", "kkt_inversion")
+# ----------------------------------------------------------------------------- attacks
+
+
+def _attack_scenario(model: str, quick: bool, cache_dir: str):
+    from fedke.simulations.scenario import Scenario
+
+    common = dict(num_rounds=1, strategy="collabedit", secure_aggregation=False)
+    if model == "smollm2":
+        return Scenario(model="smollm2", num_clients=10, edits_per_client=5, cache_dir=cache_dir, **common)
+    if quick:
+        return Scenario.from_preset("tiny", num_clients=10, edits_per_client=1, cache_dir=cache_dir, **common)
+    return Scenario.from_preset("world", num_clients=10, edits_per_client=5, cache_dir=cache_dir, **common)
+
+
+def _distinct_subject_cases(facts, n: int, seed: int) -> list:
+    chosen, seen = [], set()
+    for case in facts.edit_cases(None, seed=seed):
+        if case.request.subject not in seen:
+            seen.add(case.request.subject)
+            chosen.append(case)
+        if len(chosen) == n:
+            return chosen
+    raise ValueError(f"the fact set has fewer than {n} distinct subjects")
+
+
+def _wire(array) -> np.ndarray:
+    """What the server decodes from a float32 payload."""
+    return np.asarray(array, dtype=np.float32).astype(np.float64)
+
+
+def bench_attacks(model: str, quick: bool, cache_dir: str) -> dict:
+    from flwr.common import parameters_to_ndarrays
+
+    from fedke import privacy as pv
+    from fedke.simulations.runtime import testbed_for
+    from fedke.simulations.secure import secagg_results
+    from fedke.simulations.server_app import build_strategy
+    from fedke.strategies.secagg import decode_secagg_sum
+
+    started = time.perf_counter()
+    scenario = _attack_scenario(model, quick, cache_dir)
+    bed = testbed_for(scenario, progress=True)
+    editor = bed.editor(**scenario.memit_overrides())
+    layer = editor.layer_names[0]
+    a0 = editor.regularisers()[layer]
+    sizes = (1, 2, 5, 10) if quick else (1, 2, 5, 10, 20, 50)
+    n_edits = max(sizes)
+
+    from fedke.data.factset import FactSet
+
+    if isinstance(bed.facts, FactSet):  # a real fact set: each fact in its own (fixed) prompt template
+        pool_requests = [case.request for case in bed.facts.edit_cases(None, seed=0)]
+        n_held = len(pool_requests)
+        if model == "smollm2" and not scenario.dataset:  # + the public table's facts the model does not hold
+            from fedke.data.records import EditRequest
+            from fedke.data.realfacts import load_fact_table
+
+            held = {(r.subject, r.relation_id) for r in pool_requests}
+            for relation in load_fact_table().relations:
+                for subject, obj in relation.facts:
+                    if (subject, relation.relation_id) in held:
+                        continue
+                    try:  # the editor's own request checks (a key needs none of the target, but keys() checks)
+                        decoy = EditRequest(relation.templates[0], subject, obj, relation.relation_id, obj)
+                        editor._check_requests([decoy])
+                    except Exception as error:  # noqa: BLE001 - a table row the editor refuses is left out
+                        log(f"attacks: pool leaves out {subject!r} ({relation.relation_id}): {error}")
+                        continue
+                    pool_requests.append(decoy)
+        labels = [request.subject for request in pool_requests]
+        log(f"attacks: pool keys of {len(pool_requests)} facts ({len(set(labels))} subjects; {n_held} facts held "
+            f"by the model, {len(set(labels[:n_held]))} subjects) at {layer}")
+        pool = editor.keys(pool_requests, batch_size=64)[layer]
+    else:  # the world draws an edit's template at random: every (subject, relation, template)
+        pool, labels = pv.world_dictionary(bed.facts, editor, layer)
+        n_held = len(labels)
+    pool_size = len(set(labels))
+    pools = {"full": (pool, labels), "held": (pool[:, :n_held], labels[:n_held])}
+
+    cases = _distinct_subject_cases(bed.facts, n_edits, seed=1)
+    requests = [case.request for case in cases]
+    log(f"attacks: target vectors of {n_edits} edit requests (once)")
+    t0 = time.perf_counter()
+    targets = editor.compute_targets(requests, progress=True)
+    target_seconds = time.perf_counter() - t0
+
+    def edit(indices):
+        payload, internals = editor.edit_with_internals([requests[i] for i in indices], targets=targets.subset(indices))
+        return payload, internals.keys[layer]
+
+    figures = ("kkt_top1", "kkt_subspace_top1", "delta_top1", "delta_naive_top1")
+    per_size = {key: [] for key in ("clients", *figures, "delta_true_min_score", "delta_other_max_score",
+                                    "delta_naive_true_min_score", "delta_naive_other_max_score")}
+    held_pool = {"pool_size": len(set(pools["held"][1])), "pool_prompts": int(n_held), **{k: [] for k in figures}}
+    for m in sizes:
+        rows, held_rows = [], []
+        for t in range(n_edits // m):
+            indices = list(range(t * m, (t + 1) * m))
+            payload, keys = edit(indices)
+            subjects = [requests[i].subject for i in indices]
+            delta, kkt = _wire(payload.layers[layer].delta), _wire(payload.layers[layer].kkt)
+            vectors = pv.top_eigenvectors(kkt, m)  # one eigendecomposition for both K K^T attacks
+            basis, naive = pv.delta_key_basis(delta, a0, m), pv.row_space_basis(delta, m)
+            for (candidates, names), out in ((pools["full"], rows), (pools["held"], held_rows)):
+                out.append([pv.reidentify_from_vectors(vectors, keys, subjects, candidates, names)[1],
+                            pv.subspace_reidentify(vectors, candidates, names, subjects),
+                            pv.subspace_reidentify(basis, candidates, names, subjects),
+                            pv.subspace_reidentify(naive, candidates, names, subjects)])
+            truth = np.isin(np.array(labels, dtype=object), np.array(subjects, dtype=object))
+            for scored in (basis, naive):  # the true keys' lowest score and the best other candidate's
+                scores = pv.subspace_scores(scored, pool)
+                rows[-1] += [float(np.min(pv.subspace_scores(scored, keys))), float(np.max(scores[~truth]))]
+        mean = np.mean(np.array(rows), axis=0)
+        per_size["clients"].append(len(rows))
+        for key, value in zip(list(per_size)[1:], mean):
+            per_size[key].append(float(value))
+        for key, value in zip(figures, np.mean(np.array(held_rows), axis=0)):
+            held_pool[key].append(float(value))
+        log(f"attacks: M={m}: {len(rows)} clients, kkt {mean[0]:.3f}, delta {mean[2]:.3f}")
+
+    # ---- secure aggregation: 10 clients, the server decodes only the sums
+    n_clients = 10
+    share = n_edits // n_clients
+    secure = replace(scenario, num_clients=n_clients, edits_per_client=share, secure_aggregation=True)
+    strategy = build_strategy(secure, evaluate=False, wait_for_clients=False)
+    splits = [list(range(c * share, (c + 1) * share)) for c in range(n_clients)]
+    edited = [edit(split) for split in splits]
+    payloads = [payload for payload, _ in edited]
+    peaks = {"kkt": max(float(np.abs(p.layers[n].kkt).max()) for p in payloads for n in p.layers),
+             "rkt": max(float(np.abs(p.layers[n].rkt).max()) for p in payloads for n in p.layers)}
+    raised = peaks["kkt"] > strategy.bounds.kkt or peaks["rkt"] > strategy.bounds.rkt
+    if raised:  # the clients would refuse to send: the server raises its public bounds (as the error asks)
+        log(f"attacks: raising the SecAgg bounds to 2x the peaks {peaks}")
+        strategy.bounds = replace(strategy.bounds, kkt=max(strategy.bounds.kkt, 2 * peaks["kkt"]),
+                                  rkt=max(strategy.bounds.rkt, 2 * peaks["rkt"]))
+    results = secagg_results(strategy, payloads)
+    sums, count = decode_secagg_sum(parameters_to_ndarrays(results[0][1].parameters), n_clients,
+                                    strategy.layer_specs, strategy.bounds)
+    _, metrics = strategy.aggregate_fit(1, results, [])
+    if not metrics.get("applied"):
+        raise RuntimeError(f"the secure aggregate was not applied: {metrics.get('error')}")
+    kkt_sum, rkt_sum, total = sums.layers[layer].kkt, sums.layers[layer].rkt, sums.n_edits
+    published = np.asarray(strategy.global_update[layer], dtype=np.float64)  # what every client receives
+    exact_kkt = sum(p.layers[layer].kkt for p in payloads)
+    union = [requests[i].subject for split in splits for i in split]
+    truth = [[requests[i].subject for i in split] for split in splits]
+    union_keys = np.concatenate([keys for _, keys in edited], axis=1)
+    kkt_basis = pv.top_eigenvectors(kkt_sum, total)
+    delta_basis = pv.delta_key_basis(published, a0, total)
+    client_vectors = pv.top_eigenvectors(kkt_sum, share)  # the sum read as if it were one client's
+    eigen_per_client = [pv.reidentify_from_vectors(client_vectors, union_keys[:, split], subjects, pool, labels)[1]
+                        for split, subjects in zip(splits, truth)]
+    other = np.random.default_rng(0).permutation(n_edits)[:n_clients * share]
+    resplit = sum(edit(sorted(other[c * share:(c + 1) * share].tolist()))[0].layers[layer].kkt for c in range(n_clients))
+    secagg = {
+        "clients": n_clients, "edits_per_client": share, "total_edits": int(total), "bounds_raised": bool(raised),
+        "sum_rel_error": float(np.linalg.norm(kkt_sum - exact_kkt) / np.linalg.norm(exact_kkt)),
+        "merged_vs_sums_rel_error": float(np.linalg.norm(published - pv.merged_delta(rkt_sum, kkt_sum, a0))
+                                          / np.linalg.norm(published)),
+        "union_kkt_top1": pv.subspace_reidentify(kkt_basis, pool, labels, union),
+        "union_kkt_eigen_top1": pv.reidentify_from_vectors(kkt_basis, union_keys, union, pool, labels)[1],
+        "union_delta_top1": pv.subspace_reidentify(delta_basis, pool, labels, union),
+        "per_client_kkt_top1": pv.per_client_precision(kkt_basis, pool, labels, truth),
+        "per_client_delta_top1": pv.per_client_precision(delta_basis, pool, labels, truth),
+        "per_client_kkt_eigen_top1": float(np.mean(eigen_per_client)),
+        "chance_per_client": share / (n_clients * share),
+        "chance_union": total / pool_size,
+        "resplit_rel_diff": float(np.linalg.norm(resplit - exact_kkt) / np.linalg.norm(exact_kkt)),
+    }
+    log(f"attacks: secagg sums: union {secagg['union_kkt_top1']:.3f} / {secagg['union_delta_top1']:.3f}, "
+        f"per client {secagg['per_client_kkt_top1']:.3f}")
+
+    # ---- what the summed K K^T reveals as the union grows (the pool's own keys; no targets needed)
+    curve = {"edits_per_client": [], "total_edits": [], "kkt_top1": []}
+    per_subject = {}
+    for index, label in enumerate(labels):
+        per_subject.setdefault(label, index)
+    order = np.random.default_rng(2).permutation([i for i in per_subject.values() if i < n_held])  # held facts
+    for e in sizes:
+        if n_clients * e > min(len(order), pool.shape[0] - 1):
+            break
+        picked = order[:n_clients * e]
+        keys = pool[:, picked]
+        curve["edits_per_client"].append(int(e))
+        curve["total_edits"].append(int(n_clients * e))
+        curve["kkt_top1"].append(pv.subspace_reidentify(pv.top_eigenvectors(keys @ keys.T, len(picked)), pool, labels,
+                                                        [labels[i] for i in picked]))
+    secagg["union_curve"] = curve
+
+    out = {"model": model, "layer": layer, "edits_per_client": list(sizes), **per_size,
+           "pool_size": int(pool_size), "pool_prompts": int(pool.shape[1]), "chance_top1": 1.0 / pool_size,
+           "chance_precision": [m / pool_size for m in sizes], "held_pool": held_pool, "d_in": int(pool.shape[0]),
+           "d_out": int(published.shape[0]), "target_seconds": target_seconds,
+           "seconds": time.perf_counter() - started, "secagg_sum": secagg}
+    rows = [{"M": m, "clients": c, "kkt_eigen": k, "kkt_subspace": ks, "delta": d, "delta_naive": dn,
+             "true_min": tmin, "other_max": omax, "naive_true_min": ntmin, "naive_other_max": nomax, "chance": m / pool_size}
+            for m, c, k, ks, d, dn, tmin, omax, ntmin, nomax in zip(sizes, *(per_size[key] for key in per_size))]
+    print_table(rows, ["M", "clients", "kkt_eigen", "kkt_subspace", "delta", "delta_naive", "true_min", "other_max",
+                       "naive_true_min", "naive_other_max", "chance"],
+                f"Subject re-identification from one client's payload ({model}, {layer}; pool of {pool_size} "
+                f"subjects / {pool.shape[1]} prompts; true_min / other_max: Delta-attack scores)")
+    print_table([{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in secagg.items() if k != "union_curve"}],
+                [k for k in secagg if k != "union_curve"], "Under SecAgg+: what the sums reveal")
+    print_table([{"E": e, "total": t, "union_kkt_top1": r} for e, t, r in
+                 zip(curve["edits_per_client"], curve["total_edits"], curve["kkt_top1"])],
+                ["E", "total", "union_kkt_top1"], f"Union of {n_clients} clients x E edits from the summed K K^T")
+    print_table([{"M": m, **{k: held_pool[k][i] for k in figures}} for i, m in enumerate(sizes)], ["M", *figures],
+                f"The same against the held facts alone ({held_pool['pool_size']} subjects / {n_held} prompts)")
+    return out
+
+
+SECTIONS = ("secagg", "bad_payloads", "large_layers", "kkt_inversion", "attacks")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="JSON output path")
     parser.add_argument("--quick", action="store_true", help="tiny world, scaled-down layers")
+    parser.add_argument("--model", choices=("world", "smollm2"), default="world",
+                        help="the model of the attacks section (the other sections run on the world model)")
+    parser.add_argument("--cache-dir", default="", help="the attacks section's cache (default: FEDKE_CACHE)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma-separated subset of the sections to run; the others are kept from --out")
     args = parser.parse_args(argv)
@@ -305,12 +546,15 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     previous = {}
     if set(wanted) != set(SECTIONS):
-        if not (args.out and Path(args.out).is_file()):
-            parser.error("--sections with a subset needs an existing --out file holding the other sections")
-        previous = json.loads(Path(args.out).read_text())
+        if args.out and Path(args.out).is_file():
+            previous = json.loads(Path(args.out).read_text())
+        else:
+            log("--sections with a subset and no --out file yet: writing only those sections")
     runners = {"secagg": lambda: bench_secagg(args.quick), "bad_payloads": bench_bad_payloads,
-               "large_layers": lambda: bench_large_layers(args.quick), "kkt_inversion": lambda: bench_kkt_inversion(args.quick)}
-    result = {name: runners[name]() if name in wanted else previous[name] for name in SECTIONS}
+               "large_layers": lambda: bench_large_layers(args.quick), "kkt_inversion": lambda: bench_kkt_inversion(args.quick),
+               "attacks": lambda: bench_attacks(args.model, args.quick, args.cache_dir)}
+    result = {name: runners[name]() if name in wanted else previous[name] for name in SECTIONS
+              if name in wanted or name in previous}
     log(f"done in {time.perf_counter() - started:.0f} s (peak RSS of this process {peak_rss_mb():.0f} MiB)")
     write_json(args.out, result)
     return 0

@@ -14,7 +14,33 @@ world. It takes the top ``M`` eigenvectors ``u_1 .. u_M`` of ``G`` and measures
   ``|cos|``; a hit when that entry's subject is ``k_j``'s subject (fraction of hits).
 
 Sharing ``K`` itself is the reference: cosine 1 and the nearest-neighbour of ``k_j`` itself.
-All functions are pure (arrays in, arrays out).
+
+Subspace attacks (the server's view of one payload, and of a secure sum)
+-----------------------------------------------------------------------
+Any payload of ``M`` edits pins down the key SUBSPACE ``span(K)`` exactly, and a candidate key is
+tested for membership instead of being matched to one eigenvector:
+
+* from ``G = K K^T``: ``span(K)`` is the span of its top ``M`` eigenvectors
+  (:func:`top_eigenvectors`);
+* from ``Delta`` alone (KSTER-style): ``Delta (A0 + K K^T) = R K^T`` with the PUBLIC regulariser
+  ``A0 = lam C0`` (the server merges with it), so ``Delta A0 = (R - Delta K) K^T
+  = R (I + K^T A0^-1 K)^-1 K^T``: every row of ``Delta A0`` lies in ``span(K)`` and, for
+  ``d_out >= M`` and a generic ``R``, they span it (:func:`delta_key_basis`): an edited key scores
+  exactly 1. ``Delta``'s own row space is ``A0^-1 span(K)``, which ``C0^-1`` tilts towards the keys'
+  low-variance directions, so the naive test on ``Delta``'s right singular vectors
+  (:func:`row_space_basis`) scores the edited keys below 1 and has no exact threshold (it can still
+  rank them first: bench/privacy.py measures both).
+
+:func:`subspace_scores` gives each candidate ``|P_V k| / |k|`` (1 for a key in the subspace);
+:func:`rank_labels` ranks subjects by their best entry and :func:`precision_at_m` is the fraction
+of the ``M`` true subjects among the top ``M`` (for ``M = 1``, top-1 re-identification; chance
+``M / n`` for ``n`` candidate subjects). Under secure aggregation the server holds only
+``sum_i K_i K_i^T``, ``sum_i R_i K_i^T`` and the merged ``Delta = S (A0 + G)^-1``
+(:func:`merged_delta`): the same tests reveal the UNION of the clients' subjects, and every split
+of the same edits among the clients gives the same sums, so which client edited what stays at
+chance (:func:`per_client_precision`).
+
+All functions are pure (arrays in, arrays out), float64, no explicit inverses.
 """
 
 from __future__ import annotations
@@ -23,7 +49,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["best_cosines", "nearest_labels", "reidentify", "top_eigenvectors", "unit_columns"]
+__all__ = ["best_cosines", "delta_key_basis", "merged_delta", "nearest_labels", "per_client_precision",
+           "precision_at_m", "rank_labels", "reidentify", "reidentify_from_vectors", "row_space_basis",
+           "subspace_reidentify", "subspace_scores", "top_eigenvectors", "unit_columns"]
 
 
 def unit_columns(matrix: np.ndarray) -> np.ndarray:
@@ -69,14 +97,102 @@ def reidentify(gram: np.ndarray | None, keys: np.ndarray, subjects: Sequence, di
     """
     keys = np.asarray(keys, dtype=np.float64)
     if gram is None:
-        queries, cosines = keys, np.ones(keys.shape[1])
-    else:
-        vectors = top_eigenvectors(gram, keys.shape[1])
-        cosines, best = best_cosines(vectors, keys)
-        queries = vectors[:, best]
-    found = nearest_labels(queries, dictionary, labels)
+        found = nearest_labels(keys, dictionary, labels)
+        return 1.0, float(np.mean([a == b for a, b in zip(found, subjects)]))
+    return reidentify_from_vectors(top_eigenvectors(gram, keys.shape[1]), keys, subjects, dictionary, labels)
+
+
+def reidentify_from_vectors(vectors: np.ndarray, keys: np.ndarray, subjects: Sequence, dictionary: np.ndarray,
+                            labels: Sequence) -> tuple[float, float]:
+    """:func:`reidentify` given the eigenvectors ``top_eigenvectors(gram, M)`` already computed."""
+    cosines, best = best_cosines(vectors, keys)
+    found = nearest_labels(np.asarray(vectors)[:, best], dictionary, labels)
     hits = np.mean([a == b for a, b in zip(found, subjects)])
     return float(np.mean(cosines)), float(hits)
+
+
+def row_space_basis(matrix: np.ndarray, m: int) -> np.ndarray:
+    """Orthonormal basis ``(d_in, m)`` of the top-``m`` right singular vectors of ``matrix`` ``(d_out, d_in)``.
+
+    Thin SVD ``matrix = U S V^T`` (singular values descending); returns ``V[:, :m]``.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2:
+        raise ValueError(f"matrix must be 2-D, got shape {matrix.shape}")
+    if not 1 <= m <= min(matrix.shape):
+        raise ValueError(f"m must be in 1..{min(matrix.shape)}, got {m}")
+    _, _, vt = np.linalg.svd(matrix, full_matrices=False)
+    return vt[:m].T
+
+
+def delta_key_basis(delta: np.ndarray, regulariser: np.ndarray, m: int) -> np.ndarray:
+    """A basis of ``span(K)`` from ``Delta`` and the public regulariser ``A0`` alone, ``(d_in, m)``.
+
+    MEMIT's normal equation ``Delta (A0 + K K^T) = R K^T`` gives
+
+        ``Delta A0 = (R - Delta K) K^T = R (I_M + K^T A0^-1 K)^-1 K^T``   (Woodbury),
+
+    so the rows of ``Delta A0`` lie in ``span(K)`` and (``d_out >= M``, ``R`` of rank ``M``) span it:
+    the top ``m`` right singular vectors of ``Delta A0`` are an orthonormal basis of ``span(K)``.
+    The same holds for a merged ``Delta = S (A0 + G)^-1`` with ``span(union of the keys)``.
+    """
+    delta = np.asarray(delta, dtype=np.float64)
+    regulariser = np.asarray(regulariser, dtype=np.float64)
+    if regulariser.shape != (delta.shape[1], delta.shape[1]):
+        raise ValueError(f"regulariser shape {regulariser.shape} does not match delta {delta.shape}")
+    return row_space_basis(delta @ regulariser, m)
+
+
+def merged_delta(rkt_sum: np.ndarray, kkt_sum: np.ndarray, regulariser: np.ndarray) -> np.ndarray:
+    """CollabEdit's merge from the sums: ``Delta = S (A0 + G)^-1``, solved as ``(A0 + G) Delta^T = S^T``."""
+    system = np.asarray(regulariser, dtype=np.float64) + np.asarray(kkt_sum, dtype=np.float64)
+    system = 0.5 * (system + system.T)
+    return np.linalg.solve(system, np.asarray(rkt_sum, dtype=np.float64).T).T
+
+
+def subspace_scores(basis: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """``|V^T k| / |k|`` for every candidate column ``k``: the cosine between ``k`` and the subspace
+    spanned by the orthonormal columns of ``basis`` ``V`` (1 for a key inside it), ``(n,)``."""
+    basis = np.asarray(basis, dtype=np.float64)
+    return np.linalg.norm(basis.T @ unit_columns(candidates), axis=0)
+
+
+def rank_labels(scores: np.ndarray, labels: Sequence) -> list:
+    """The distinct ``labels`` ordered by their best score (max over their entries), best first;
+    ties keep first-seen order."""
+    best: dict = {}
+    for score, label in zip(np.asarray(scores, dtype=np.float64), labels):
+        if label not in best or score > best[label]:
+            best[label] = float(score)
+    names, values = list(best), list(best.values())
+    return [names[i] for i in sorted(range(len(names)), key=lambda i: -values[i])]
+
+
+def precision_at_m(ranked: Sequence, true_labels: Sequence) -> float:
+    """``|top-M of ranked  &  true| / M`` with ``M`` the number of distinct true labels."""
+    truth = set(true_labels)
+    if not truth:
+        raise ValueError("no true labels")
+    return len(set(ranked[:len(truth)]) & truth) / len(truth)
+
+
+def subspace_reidentify(basis: np.ndarray, dictionary: np.ndarray, labels: Sequence, subjects: Sequence) -> float:
+    """Re-identification by subspace membership: the fraction of ``subjects`` among the attacker's top
+    ``M`` dictionary labels ranked by :func:`subspace_scores` (``M = len(set(subjects))``)."""
+    return precision_at_m(rank_labels(subspace_scores(basis, dictionary), labels), subjects)
+
+
+def per_client_precision(basis: np.ndarray, dictionary: np.ndarray, labels: Sequence,
+                         client_subjects: Sequence[Sequence]) -> float:
+    """The per-client attack run on an AGGREGATE: for each client, the top ``M_c`` labels of the
+    aggregate's ranking are guessed as that client's subjects; mean precision over clients.
+
+    The aggregate is the same for every split of the edits among the clients, so the guess cannot
+    depend on the split: with the union recovered, the expected precision is ``M_c / sum_c M_c``
+    (``1 / N`` for equal shares).
+    """
+    ranked = rank_labels(subspace_scores(basis, dictionary), labels)
+    return float(np.mean([precision_at_m(ranked, subjects) for subjects in client_subjects]))
 
 
 def world_dictionary(world, editor, layer: str, *, batch_size: int = 256) -> tuple[np.ndarray, list[str]]:
