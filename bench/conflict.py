@@ -1,6 +1,16 @@
-"""Knowledge conflict on the world: its harm (CollabEdit Table 6), private detection, two-stage resolution (Table 4).
+"""Knowledge conflict: its harm (CollabEdit Table 6), private detection, two-stage resolution (Table 4).
 
     python bench/conflict.py --pairs 200 --out conflict.json [--quick] [--policy fcfs]
+    python bench/conflict.py --model smollm2 --pairs 6 --out conflict_smollm2.json [--model-path DIR] [--cache-dir DIR]
+
+``--model world`` (default) runs on the synthetic world's GPT-2; ``--model smollm2`` on SmolLM2-135M
+and its real-fact set (facts at the subject's last token, layers 4-8, lam 10,000:
+``fedke/editing/hparams/smollm2.json``; a twin's new object is another object of the relation in
+the real-fact table). Default sizes (:data:`SIZES`): world 200 pairs over 10 clients; smollm2 6
+pairs over 3 clients (2 requests each plus the twins), sized for about 15 minutes on 2 CPU cores:
+the run optimises about 20 x pairs targets (E alone; E and E'; each winner's augmented re-edit of
+7-8 requests; the same-client layout's round without and with local resolution, which augments
+too) at 4-7 s per request, plus ~10 s per client call.
 
 Every one of the ``--pairs`` edit cases E gets a conflicting twin E' (same subject and relation,
 another new object) held by the next client, in the same round (scenario key
@@ -57,11 +67,15 @@ def is_twin(case) -> bool:
 
 
 def run_round(strategy, clients, server_round: int) -> dict:
+    """One server round in process: every client fits against the global model, the strategy merges."""
     parameters = parameters_to_ndarrays(strategy.update_parameters())
     results = []
     for cid, client in enumerate(clients):
         proxy = LocalProxy(str(cid))
+        tic = time.perf_counter()
         arrays, n, metrics = client.fit(parameters, strategy.fit_config(server_round, proxy.cid))
+        log.info("round %d, client %d of %d: %d edits in %.1f s", server_round, cid + 1, len(clients),
+                 int(metrics.get("n_edits", n)), time.perf_counter() - tic)
         results.append((proxy, fit_result(arrays, n, metrics)))
     _, metrics = strategy.aggregate_fit(server_round, results, [])
     return {"round": metrics, "clients": [res.metrics for _, res in results]}
@@ -101,29 +115,76 @@ def winners_and_losers(strategy, clients) -> list[tuple]:
     return [(g["win"][0], loser) for g in groups.values() for loser in g.get("lose", [])]
 
 
-def main(argv=None) -> dict:
+#: Default sizes per --model (see the module docstring); a flag given on the command line wins.
+SIZES = {"world": {"pairs": 200, "clients": 10}, "smollm2": {"pairs": 6, "clients": 3}}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=200)
-    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--model", choices=sorted(SIZES), default="world",
+                        help="world (the synthetic world's GPT-2) or smollm2 (the real model and its real-fact set)")
+    parser.add_argument("--model-path", default="", help="a real model from a local path (with --model smollm2)")
+    parser.add_argument("--cache-dir", default="", help="where models, facts and statistics are cached")
+    parser.add_argument("--pairs", type=int, help="conflicting pairs (default: the model's SIZES)")
+    parser.add_argument("--clients", type=int)
     parser.add_argument("--policy", default="fcfs", choices=["fcfs", "fifo", "priority"])
     parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true", help="tiny world, 12 pairs over 3 clients")
     parser.add_argument("--no-same-client", action="store_true", help="skip the same-client layout")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    started = time.perf_counter()
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags, the sizes left out filled from :data:`SIZES`."""
+    args = build_parser().parse_args(argv)
+    if args.quick and args.model != "world":
+        raise SystemExit("--quick runs the tiny world; leave out --model or use --model world")
+    if args.model_path and args.model == "world":
+        raise SystemExit("--model-path needs a real model: add --model smollm2")
+    for key, value in SIZES[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.pairs < 1 or args.clients < 2:
+        raise SystemExit(f"--pairs must be at least 1 and --clients at least 2 (cross-client conflicts), "
+                         f"got {args.pairs} and {args.clients}")
+    return args
+
+
+def scenario_from_args(args) -> Scenario:
+    """The CollabEdit scenario with ``pairs`` cross-client conflicts, HMAC detection and the policy."""
     if args.quick:
         base = Scenario.from_preset("tiny", num_rounds=1, num_clients=3, edits_per_client=4)
         pairs = min(args.pairs, 12)
     else:
-        base = Scenario(model="world", num_rounds=1, num_clients=args.clients, edits_per_client=max(1, args.pairs // args.clients))
+        base = Scenario(model=args.model, model_path=args.model_path, num_rounds=1, num_clients=args.clients,
+                        edits_per_client=-(-args.pairs // args.clients))  # every pair's E dealt
         pairs = args.pairs
-    output = tempfile.mkdtemp(prefix="fedke-conflict-")
-    scenario = replace(base, strategy="collabedit", conflict_pairs=pairs, conflict_layout="cross-client",
-                       conflict_detection="hmac", conflict_policy=args.policy,
-                       conflict_priority=",".join(str(i) for i in range(base.num_clients)),
-                       conflict_secret=BENCH_SECRET, seed=args.seed, output_dir=output)
+    return replace(base, strategy="collabedit", conflict_pairs=pairs, conflict_layout="cross-client",
+                   conflict_detection="hmac", conflict_policy=args.policy,
+                   conflict_priority=",".join(str(i) for i in range(base.num_clients)),
+                   conflict_secret=BENCH_SECRET, seed=args.seed, cache_dir=args.cache_dir or base.cache_dir,
+                   output_dir=tempfile.mkdtemp(prefix="fedke-conflict-"))
+
+
+def facts_config(bed, scenario) -> dict:
+    """What the edit cases came from: the world's config, or the real model and its fact set."""
+    if scenario.is_world:
+        return {"model": "world", "world": bed.world.config.__dict__}
+    info = bed.info
+    return {"model": scenario.model_path or scenario.model, "world": None,
+            "facts": {"name": info.get("facts"), "n_facts_held": info.get("n_facts_held"),
+                      "model_fingerprint": info.get("model_fingerprint")}}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+    scenario = scenario_from_args(args)
+    pairs = scenario.conflict_pairs
+    print(f"conflict on {scenario.model_path or scenario.model}: {pairs} pairs over {scenario.num_clients} clients "
+          f"({scenario.edits_per_client} requests each plus the twins), policy {args.policy}", flush=True)
     bed = testbed_for(scenario, progress=True)
     dealt = dealt_cases_for(scenario)
     e_cases = [c for (_, r), cs in sorted(dealt.items()) for c in cs if not is_twin(c)]
@@ -190,7 +251,8 @@ def main(argv=None) -> dict:
                        "withdrawn": sum(int(m.get("n_withdrawn", 0)) for m in round2["clients"]),
                        "augmented_requests": int(round2["round"].get("n_edits", 0))},
         "config": {"pairs": pairs, "clients": scenario.num_clients, "policy": args.policy, "quick": args.quick,
-                   "world": bed.world.config.__dict__, "lam": scenario.settings.memit.lam, "seed": args.seed},
+                   **facts_config(bed, scenario), "fact_token": scenario.memit_overrides()["fact_token"],
+                   "lam": scenario.settings.memit.lam, "seed": args.seed},
     }
 
     if not args.no_same_client:

@@ -1,6 +1,19 @@
-"""Knowledge overlap on the world: ||R|| as the same edits are merged again (CollabEdit Figure 3), and the guard.
+"""Knowledge overlap: ||R|| as the same edits are merged again (CollabEdit Figure 3), and the guard.
 
     python bench/overlap.py --out overlap.json [--quick] [--edits 50] [--repeats 15]
+    python bench/overlap.py --model smollm2 --out overlap_smollm2.json [--model-path DIR] [--cache-dir DIR]
+
+``--model world`` (default) runs on the synthetic world's GPT-2 (facts at the prompt's last token,
+layers 1-3, lam 300); ``--model smollm2`` on SmolLM2-135M and its real-fact set (facts at the
+subject's last token, layers 4-8, lam 10,000: ``fedke/editing/hparams/smollm2.json``). The sizes
+default per model (:data:`SIZES`):
+
+* world: 50 requests x 15 repeats; guard 5 clients x 6 rounds x (10 fresh + 10 repeated);
+* smollm2: 10 requests x 12 repeats, the re-optimised residual at every 4th repeat (not before the
+  first merge); guard 2 clients x 3 rounds x (2 fresh + 2 repeated). Sized for about 15 minutes on 2 CPU cores,
+  where one target optimisation costs ~6 s per request (Figure 3 optimises its targets once per
+  mode; the guard optimises every submitted request every round, the repeated ones too, and the
+  kept ones again when the guard skips some).
 
 1. **Figure 3.** ``--edits`` requests are merged into the global model ``k = 1..--repeats`` times
    with their targets fixed at the first edit (eq. 6's setting; :func:`fedke.overlap.repeat_residuals`),
@@ -11,7 +24,8 @@
    ``residual_norm``; every mode's is under ``figure3_modes``.
    After each merge: ``||R||_F`` of the real model at the last edited layer (``residual_norm``),
    the eq. 6 prediction for that layer alone, the residual the editor reports for a fresh edit
-   (targets re-optimised, the guard's quantity), and ES / NS of the requests.
+   (targets re-optimised, the guard's quantity; every ``--reoptimise-every`` repeats and after the
+   last, null in between; before any merge only when it is 1), and ES / NS of the requests.
 2. **Guard.** ``--clients`` clients edit for ``--rounds`` rounds (CollabEdit, in process, the same
    EditClient as ``flwr run``). Every round each client edits ``--others`` fresh requests of its
    own AND re-submits the same ``--overlap`` requests (held by every client, every round: the
@@ -58,15 +72,37 @@ def metrics_of(bed, update, cases) -> dict:
     return {m: summary[m] for m in METRICS}
 
 
-def figure3(bed, scenario, cases, repeats: int, **editor_overrides) -> dict:
-    """One Figure 3 curve (``editor_overrides`` change the editor, e.g. its mode)."""
+def figure3(bed, scenario, cases, repeats: int, *, reoptimise_every: int = 1, **editor_overrides) -> dict:
+    """One Figure 3 curve (``editor_overrides`` change the editor, e.g. its mode).
+
+    After each merge ``k`` (0 = before any): ES / NS / Score of ``cases``, and the residual norm of
+    targets re-optimised against the merged model (what the guard sees) at ``k = N, 2N, ...`` and the
+    last repeat for ``N = reoptimise_every`` (None at the other ``k``; 0: never). ``k = 0`` is measured
+    only with ``N = 1``: before any merge a fresh optimisation redoes the fixed targets' (the most
+    costly one, as no target is in the model yet)."""
     editor = bed.editor(**{**scenario.memit_overrides(), **editor_overrides})
+    requests = [c.request for c in cases]
+    merges = iter(range(repeats + 1))  # repeat_residuals calls evaluate once per k = 0..repeats, in order
 
     def evaluate():
+        k = next(merges)
         summary = evaluate_cases(bed.model, bed.tokenizer, cases).summary
-        return {"ES": summary["ES"], "NS": summary["NS"], "Score": summary["Score"]}
+        row = {"ES": summary["ES"], "NS": summary["NS"], "Score": summary["Score"]}
+        if reoptimise_every and (k % reoptimise_every == 0 or k == repeats) and (k > 0 or reoptimise_every == 1):
+            tic = time.perf_counter()
+            fresh = editor.compute_targets(requests)
+            row["residual_norm_reoptimised"] = float((fresh.z - fresh.h_init).norm())
+            log.info("repeat %d: re-optimised residual %.4g (%.1f s)", k, row["residual_norm_reoptimised"],
+                     time.perf_counter() - tic)
+        else:
+            row["residual_norm_reoptimised"] = None
+        log.info("repeat %d of %d (%s): ES %.1f, NS %.1f", k, repeats, editor.config.mode, row["ES"], row["NS"])
+        return row
 
-    study = repeat_residuals(editor, bed.model, [c.request for c in cases], repeats, evaluate=evaluate)
+    tic = time.perf_counter()
+    study = repeat_residuals(editor, bed.model, requests, repeats, evaluate=evaluate, reoptimised=False)
+    log.info("Figure 3 (%s MEMIT, %d requests x %d repeats) in %.1f s", editor.config.mode, len(requests), repeats,
+             time.perf_counter() - tic)
     rows = study.rows
     first = rows[0]["residual_norm"]
     return {
@@ -116,14 +152,39 @@ def guard_run(bed, scenario, others_by_client, repeated, rounds: int, threshold:
             "rounds": per_round}
 
 
-def main(argv=None) -> dict:
+#: Default sizes per --model (see the module docstring); a flag given on the command line wins.
+SIZES = {
+    "world": {"edits": 50, "repeats": 15, "reoptimise_every": 1, "clients": 5, "rounds": 6, "others": 10,
+              "overlap": 10},
+    "smollm2": {"edits": 10, "repeats": 12, "reoptimise_every": 4, "clients": 2, "rounds": 3, "others": 2,
+                "overlap": 2},
+}
+
+
+def guard_effect(off: dict | None, on: dict | None) -> dict | None:
+    """The guard's effect after the last round: metric points (on - off) of the other (fresh) edits and
+    of the repeated ones, and how many requests it skipped."""
+    if off is None or on is None:
+        return None
+    return {"others": {m: on["others"][m] - off["others"][m] for m in METRICS},
+            "repeated": {m: on["repeated"][m] - off["repeated"][m] for m in METRICS},
+            "n_skipped": on["n_skipped"], "n_edits_off": off["n_edits"], "n_edits_on": on["n_edits"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--edits", type=int, default=50, help="requests of the Figure 3 study")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--clients", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--others", type=int, default=10, help="fresh requests per client and round")
-    parser.add_argument("--overlap", type=int, default=10, help="requests every client re-submits every round")
+    parser.add_argument("--model", choices=sorted(SIZES), default="world",
+                        help="world (the synthetic world's GPT-2) or smollm2 (the real model and its real-fact set)")
+    parser.add_argument("--model-path", default="", help="a real model from a local path (with --model smollm2)")
+    parser.add_argument("--cache-dir", default="", help="where models, facts and statistics are cached")
+    parser.add_argument("--edits", type=int, help="requests of the Figure 3 study (default: the model's SIZES)")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--reoptimise-every", type=int,
+                        help="Figure 3: re-optimise the targets every N repeats and after the last (0: never)")
+    parser.add_argument("--clients", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--others", type=int, help="fresh requests per client and round")
+    parser.add_argument("--overlap", type=int, help="requests every client re-submits every round")
     parser.add_argument("--threshold", type=float, default=None,
                         help="guard threshold (default: 5%% of the median fresh residual norm in round 1)")
     parser.add_argument("--seed", type=int, default=3)
@@ -134,16 +195,61 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-guard", action="store_true", help="Figure 3 only")
     parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true", help="tiny world, small sizes")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    started = time.perf_counter()
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags, the sizes left out filled from :data:`SIZES` (``--quick``: the tiny world's)."""
+    args = build_parser().parse_args(argv)
+    if args.quick and args.model != "world":
+        raise SystemExit("--quick runs the tiny world; leave out --model or use --model world")
+    if args.model_path and args.model == "world":
+        raise SystemExit("--model-path needs a real model: add --model smollm2")
+    for key, value in SIZES[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.quick:
-        scenario = Scenario.from_preset("tiny", num_rounds=1, num_clients=3, edits_per_client=4)
         args.edits, args.clients, args.rounds = min(args.edits, 20), min(args.clients, 3), min(args.rounds, 4)
         args.others, args.overlap = min(args.others, 4), min(args.overlap, 4)
+    for key in ("edits", "repeats", "clients", "rounds", "others"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key} must be at least 1, got {getattr(args, key)}")
+    if args.overlap < 0 or args.reoptimise_every < 0:
+        raise SystemExit("--overlap and --reoptimise-every must be at least 0")
+    return args
+
+
+def scenario_from_args(args) -> Scenario:
+    """The CollabEdit scenario whose testbed (model, facts, statistics) and editor settings the study uses.
+
+    Its ``edits_per_client`` is what a guard-run client submits per round (fresh + repeated): the
+    server rejects payloads with more edits than that."""
+    sizes = dict(num_rounds=1, num_clients=args.clients, edits_per_client=args.others + args.overlap)
+    if args.quick:
+        scenario = Scenario.from_preset("tiny", **sizes)
     else:
-        scenario = Scenario(model="world", num_rounds=1, num_clients=args.clients, edits_per_client=args.others)
-    scenario = replace(scenario, strategy="collabedit")
+        scenario = Scenario(model=args.model, model_path=args.model_path, **sizes)
+    return replace(scenario, strategy="collabedit", cache_dir=args.cache_dir or scenario.cache_dir)
+
+
+def facts_config(bed, scenario) -> dict:
+    """What the edit cases came from: the world's config, or the real model and its fact set."""
+    if scenario.is_world:
+        return {"model": "world", "world": bed.world.config.__dict__}
+    info = bed.info
+    return {"model": scenario.model_path or scenario.model, "world": None,
+            "facts": {"name": info.get("facts"), "n_facts_held": info.get("n_facts_held"),
+                      "model_fingerprint": info.get("model_fingerprint")}}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+    scenario = scenario_from_args(args)
+    print(f"overlap on {scenario.model_path or scenario.model}: Figure 3 {args.edits} requests x {args.repeats} "
+          f"repeats ({', '.join(args.modes)}); guard {args.clients} clients x {args.rounds} rounds x "
+          f"({args.others} fresh + {args.overlap} repeated)", flush=True)
     bed = testbed_for(scenario, progress=True)
 
     tic = time.perf_counter()
@@ -153,7 +259,8 @@ def main(argv=None) -> dict:
         overrides["layers"] = tuple(args.layers)
     if args.residual_split:
         overrides["residual_split"] = args.residual_split
-    fig3_modes = {mode: figure3(bed, scenario, fig3_cases, args.repeats, mode=mode, **overrides) for mode in args.modes}
+    fig3_modes = {mode: figure3(bed, scenario, fig3_cases, args.repeats, reoptimise_every=args.reoptimise_every,
+                                mode=mode, **overrides) for mode in args.modes}
     fig3 = fig3_modes[args.modes[0]]
     log.info("Figure 3 study in %.1f s", time.perf_counter() - tic)
 
@@ -179,6 +286,7 @@ def main(argv=None) -> dict:
                                                         "residual_norm_eq6", "ES", "NS", "monotone")}
                           for mode, curve in fig3_modes.items()},
         "guard": {"off": off, "on": on} if off is not None else None,
+        "guard_effect": guard_effect(off, on),
         "targets": {
             "residual_norm_monotone": fig3["monotone"],
             "residual_norm_monotone_by_mode": {mode: curve["monotone"] for mode, curve in fig3_modes.items()},
@@ -188,7 +296,8 @@ def main(argv=None) -> dict:
                    "layers": list(args.layers) if args.layers else list(bed.memit_config.layers),
                    "residual_split": args.residual_split or bed.memit_config.residual_split,
                    "others": args.others, "overlap": args.overlap, "threshold": threshold, "quick": args.quick,
-                   "world": bed.world.config.__dict__, "lam": scenario.settings.memit.lam, "seed": args.seed},
+                   **facts_config(bed, scenario), "fact_token": scenario.memit_overrides()["fact_token"],
+                   "lam": scenario.settings.memit.lam, "reoptimise_every": args.reoptimise_every, "seed": args.seed},
         "seconds": time.perf_counter() - started,
         "peak_rss_mb": peak_rss_mb(),
     }

@@ -404,3 +404,20 @@ def test_claims_that_would_raise_something_else_raise_value_error():
         coordinator.read_claims(["not", "a", "dict"])
     assert coordinator.read_claims(None) is None and coordinator.read_claims({}) is None
     assert coordinator.end_round(1)["conflict_claims"] == 0
+
+
+def test_conflict_benchmark_sizes_and_scenario_per_model(load_bench):
+    """``--model smollm2`` runs the real model with its own sizes; the scenario carries the pairs,
+    HMAC detection and the cache; the world stays the default."""
+    module = load_bench("conflict")
+    world = module.parse_args([])
+    assert (world.model, world.pairs, world.clients) == ("world", 200, 10)
+    real = module.parse_args(["--model", "smollm2", "--cache-dir", "/tmp/x"])
+    scenario = module.scenario_from_args(real)
+    assert (scenario.model, scenario.is_world, scenario.cache_dir) == ("smollm2", False, "/tmp/x")
+    assert (scenario.conflict_pairs, scenario.num_clients, scenario.edits_per_client) == (6, 3, 2)
+    assert (scenario.conflict_detection, scenario.conflict_layout, scenario.strategy) == ("hmac", "cross-client", "collabedit")
+    assert scenario.memit_overrides()["fact_token"] == "subject_last"
+    for bad in (["--model", "smollm2", "--quick"], ["--model-path", "/tmp"], ["--clients", "1"]):
+        with pytest.raises(SystemExit):
+            module.parse_args(bad)

@@ -144,3 +144,47 @@ def test_repeat_study_residual_falls_as_the_same_edit_is_merged_again(tiny_bed, 
         assert float(np.linalg.norm(editor.target_residuals(requests_, targets))) == pytest.approx(norms[2], rel=1e-4)
     with pytest.raises(ValueError, match="passes"):
         repeat_residuals(tiny_bed.editor(passes=2), tiny_bed.model, requests_, 1)
+
+
+# ----------------------------------------------------------------------------- bench/overlap.py
+
+
+def test_overlap_benchmark_sizes_and_scenario_per_model(load_bench):
+    """``--model smollm2`` picks the real model (subject's last token, its settings file) and its own
+    sizes; flags given win; the world stays the default."""
+    module = load_bench("overlap")
+    world = module.parse_args([])
+    assert (world.model, world.edits, world.repeats, world.reoptimise_every) == ("world", 50, 15, 1)
+    assert module.scenario_from_args(world).is_world
+    real = module.parse_args(["--model", "smollm2", "--cache-dir", "/tmp/x", "--repeats", "13"])
+    assert (real.edits, real.repeats, real.clients, real.rounds) == (10, 13, 2, 3)
+    scenario = module.scenario_from_args(real)
+    assert (scenario.model, scenario.is_world, scenario.cache_dir, scenario.strategy) == ("smollm2", False, "/tmp/x", "collabedit")
+    assert scenario.memit_overrides()["fact_token"] == "subject_last" and scenario.settings.memit.layers == (4, 5, 6, 7, 8)
+    # the server's per-client bound admits a guard-run client's fresh + repeated requests
+    assert scenario.edits_per_client == real.others + real.overlap == 4
+    assert module.scenario_from_args(module.parse_args(["--quick"])).edits_per_client == 8
+    for bad in (["--model", "smollm2", "--quick"], ["--model-path", "/tmp"], ["--edits", "0"]):
+        with pytest.raises(SystemExit):
+            module.parse_args(bad)
+
+
+def test_overlap_figure3_reoptimises_on_schedule(tiny_bed, load_bench):
+    """The re-optimised residual is measured every N repeats and after the last (None in between;
+    before any merge only for N = 1), and equals what repeat_residuals measures itself."""
+    from fedke.simulations.scenario import Scenario
+
+    module = load_bench("overlap")
+    scenario = Scenario.from_preset("tiny", num_rounds=1)
+    cases = tiny_bed.world.edit_cases(4, seed=12)
+    curve = module.figure3(tiny_bed, scenario, cases, 3, reoptimise_every=2, mode="sequential")
+    reoptimised = [row["residual_norm_reoptimised"] for row in curve["rows"]]
+    assert [r is None for r in reoptimised] == [True, True, False, False]  # k = 2 and the last (3)
+    every = module.figure3(tiny_bed, scenario, cases, 3, reoptimise_every=1, mode="sequential")
+    assert all(row["residual_norm_reoptimised"] is not None for row in every["rows"])
+    editor = tiny_bed.editor(**{**scenario.memit_overrides(), "mode": "sequential"})
+    study = repeat_residuals(editor, tiny_bed.model, [c.request for c in cases], 3, reoptimised=True)
+    expected = study.column("residual_norm_reoptimised")
+    assert reoptimised[2:] == pytest.approx(expected[2:], rel=1e-6)
+    assert every["rows"][0]["residual_norm_reoptimised"] == pytest.approx(expected[0], rel=1e-6)
+    assert curve["residual_norm"] == pytest.approx(study.column("residual_norm")[1:], rel=1e-9)
