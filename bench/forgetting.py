@@ -52,8 +52,12 @@ TABLE5 = ["NS", "PS", "ES", "Score", "NA", "PA", "EA", "AccScore"]
 RSS_ROUND = 10
 
 
+#: The preset each --model starts from (simulations/presets/).
+MODEL_PRESETS = {"world": "world", "smollm2": "default"}
+
+
 def scenario_from_args(args) -> Scenario:
-    preset = "tiny" if args.quick else args.preset
+    preset = "tiny" if args.quick else (args.preset or MODEL_PRESETS[args.model])
     overrides = dict(num_rounds=args.rounds, num_clients=args.clients, edits_per_client=args.edits_per_client,
                      forgetting=True, strategy=args.method, beta0=args.beta0, beta1=args.beta1,
                      old_relations=args.old_relations, seed=args.seed, knowledge_weight=args.knowledge_weight,
@@ -63,6 +67,8 @@ def scenario_from_args(args) -> Scenario:
             overrides[key] = getattr(args, key)
     if args.cache_dir:
         overrides["cache_dir"] = args.cache_dir
+    if args.model_path:
+        overrides["model_path"] = args.model_path
     return Scenario.from_preset(preset, **overrides)
 
 
@@ -163,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="alpha of A0 = lam C0 + alpha K0 K0^T over the world's known facts (0: MEMIT's C0)")
     parser.add_argument("--old-relations", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preset", default="world")
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="world",
+                        help="world (the synthetic world's GPT-2) or smollm2 (the real model and its real-fact set)")
+    parser.add_argument("--model-path", default="", help="a real model from a local path (with --model smollm2)")
+    parser.add_argument("--preset", default=None, help="a preset of simulations/presets (default: the model's)")
+    parser.add_argument("--runs", nargs="+", choices=["immutable", "dynamic"], default=["immutable", "dynamic"],
+                        help="which covariance runs (a run left out writes null for its after_ key)")
     parser.add_argument("--cache-dir", default="")
     parser.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint every round")
     parser.add_argument("--out", default=None)
@@ -185,29 +196,35 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     scenario = scenario_from_args(args)
+    model = (f"model {scenario.model_path or scenario.model}" if not scenario.is_world else
+             f"world {scenario.world_subjects} x {scenario.world_relations}, model {scenario.model_layers} x "
+             f"{scenario.model_width} (at most {scenario.model_epochs} epochs)")
+    memit = scenario.settings.memit
     print(f"forgetting: {scenario.num_rounds} rounds x {scenario.num_clients} clients x {scenario.edits_per_client} "
-          f"edits, {scenario.strategy}, world {scenario.world_subjects} x {scenario.world_relations}, model "
-          f"{scenario.model_layers} x {scenario.model_width} (at most {scenario.model_epochs} epochs), lam {scenario.settings.memit.lam}, targets {scenario.settings.memit.v_num_grad_steps} steps / clamp "
-          f"{scenario.settings.memit.clamp_norm_factor} / stop {scenario.settings.memit.loss_stop}, knowledge weight "
-          f"{scenario.knowledge_weight}, {scenario.editor_mode} MEMIT, dynamic beta0={scenario.beta0} beta1={scenario.beta1}", flush=True)
+          f"edits, {scenario.strategy}, {model}, lam {memit.lam}, targets {memit.v_num_grad_steps} steps / clamp "
+          f"{memit.clamp_norm_factor} / stop {memit.loss_stop}, knowledge weight {scenario.knowledge_weight}, "
+          f"{scenario.editor_mode} MEMIT, {scenario.old_relations} old relation(s), dynamic beta0={scenario.beta0} "
+          f"beta1={scenario.beta1}", flush=True)
 
     checkpoint_root = None if args.no_checkpoint else Path(tempfile.mkdtemp(prefix="fedke-forgetting-"))
     per_round: list = []
     rss: dict = {}
     started = time.perf_counter()
+    seen: dict[str, dict] = {}
     try:
-        immutable = run_one(scenario, "immutable", per_round, rss, checkpoint_root)
-        dynamic = run_one(scenario, "dynamic", per_round, rss, checkpoint_root)
+        for covariance in args.runs:
+            seen[covariance] = run_one(scenario, covariance, per_round, rss, checkpoint_root)
     finally:
         if checkpoint_root is not None:
             shutil.rmtree(checkpoint_root, ignore_errors=True)
-    if immutable["before"] != dynamic["before"]:  # round 1 merges with A0 in both runs
-        print(f"warning: round 1 differs between the runs: {immutable['before']} vs {dynamic['before']}")
+    befores = [run["before"] for run in seen.values()]
+    if any(before != befores[0] for before in befores):  # round 1 merges with A0 in both runs
+        print(f"warning: round 1 differs between the runs: {befores}")
     seconds = [entry["seconds"] for entry in per_round]
     result = {
-        "before": immutable["before"],
-        "after_immutable": immutable["after"],
-        "after_dynamic": dynamic["after"],
+        "before": befores[0],
+        "after_immutable": seen["immutable"]["after"] if "immutable" in seen else None,
+        "after_dynamic": seen["dynamic"]["after"] if "dynamic" in seen else None,
         "per_round": per_round,
         "seconds_per_round": sum(seconds) / len(seconds),
         "peak_rss_mb": [rss["first"], rss["last"]],
@@ -215,8 +232,7 @@ def main(argv=None) -> dict:
 
     import pandas as pd
 
-    table = pd.DataFrame({"before": result["before"], "after (immutable C)": result["after_immutable"],
-                          "after (dynamic C)": result["after_dynamic"]}).T[TABLE5]
+    table = pd.DataFrame({"before": result["before"], **{f"after ({cov} C)": seen[cov]["after"] for cov in seen}}).T[TABLE5]
     print(f"\nOld edits E_o before and after {scenario.num_rounds - 1} rounds of new edits (x100)")
     print(table.round(2).to_string())
     finals = [entry for entry in per_round if f"new_all_Score" in entry]
@@ -227,15 +243,15 @@ def main(argv=None) -> dict:
     # the projection: the mean of each run's last rounds before the final one (which scores every
     # new set once), plus that final evaluation scaled to 1000 rounds' worth of new sets
     tail = max(1, min(10, scenario.num_rounds // 2))
-    runs = [[e for e in per_round if e["covariance"] == cov] for cov in ("immutable", "dynamic")]
+    runs = [[e for e in per_round if e["covariance"] == cov] for cov in seen]
     late = [entry["seconds"] for run in runs for entry in (run[-tail - 1:-1] if len(run) > 1 else run)]
     late_mean = sum(late) / len(late)
     cpu_late = [entry["cpu_seconds"] for run in runs for entry in (run[-tail - 1:-1] if len(run) > 1 else run)]
     final_extra = sum(max(0.0, run[-1]["seconds"] - late_mean) for run in runs) / len(runs)
     projected_h = (1000 * late_mean + final_extra * 1000 / max(1, scenario.num_rounds)) / 3600
     for name in ("Score", "AccScore", "EA"):
-        print(f"old {name}: immutable {result['after_immutable'][name] - result['before'][name]:+.2f}, "
-              f"dynamic {result['after_dynamic'][name] - result['before'][name]:+.2f} points vs before")
+        print(f"old {name}: " + ", ".join(f"{cov} {seen[cov]['after'][name] - result['before'][name]:+.2f}"
+                                          for cov in seen) + " points vs before")
     first, last = result["peak_rss_mb"]
     print(f"\nseconds per round {result['seconds_per_round']:.2f} (last {tail} rounds before the final one: "
           f"{late_mean:.2f}; the final round's evaluation of every new set: +{final_extra:.1f} s); "

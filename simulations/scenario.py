@@ -546,16 +546,19 @@ def forgetting_cases(scenario: Scenario, world: "World | FactSet") -> list[EditC
     """The cases of a forgetting scenario, in round order: the old set E_o, then E_n1, E_n2, ...
 
     E_o (``num-clients x edits-per-client`` cases) comes from ``old-relations`` relations drawn
-    with the seed; every later case has a relation outside those AND a subject outside E_o's, so
+    with the seed, of cases with neighbourhood prompts (so that every metric of E_o is defined on a
+    real-fact set); every later case has a relation outside those AND a subject outside E_o's, so
     old and new requests are unrelated (CollabEdit section 3.3.2). Case ids are unique.
     """
     rng = random.Random(f"forgetting/{scenario.seed}")
-    relation_ids = [relation.relation_id for relation in world.relations]
+    scorable = _pairs_with_neighbourhood(world)
+    relation_ids = [relation.relation_id for relation in world.relations
+                    if scorable is None or any(relation_id == relation.relation_id for _, relation_id in scorable)]
     old_relations = set(rng.sample(relation_ids, scenario.old_relations))
     pairs = list(world.fact_pairs())
     rng.shuffle(pairs)
     per_round = scenario.num_clients * scenario.edits_per_client
-    old = [pair for pair in pairs if pair[1] in old_relations][:per_round]
+    old = [pair for pair in pairs if pair[1] in old_relations and (scorable is None or pair in scorable)][:per_round]
     old_subjects = {subject for subject, _ in old}
     fresh = [pair for pair in pairs if pair[1] not in old_relations and pair[0] not in old_subjects]
     fresh = fresh[:per_round * (scenario.num_rounds - 1)]
@@ -564,6 +567,16 @@ def forgetting_cases(scenario: Scenario, world: "World | FactSet") -> list[EditC
                           f"{len(old)} old and {len(fresh)} unrelated new (subject, relation) pairs available")
     return [world.edit_case(subject, relation_id, rng=rng, case_id=i)
             for i, (subject, relation_id) in enumerate(old + fresh)]
+
+
+def _pairs_with_neighbourhood(world: "World | FactSet") -> set[tuple[str, str]] | None:
+    """The (subject, relation) pairs of a fact set whose cases have neighbourhood prompts (NS and NA
+    are undefined without them: a real relation whose objects are unique, such as capitals, has
+    none); None for the synthetic world, whose cases all have them."""
+    cases = getattr(world, "cases", None)
+    if cases is None:
+        return None
+    return {(case.subject, case.relation_id) for case in cases if case.neighborhood_prompts}
 
 
 def inject_conflicts(scenario: Scenario, world: "World | FactSet",

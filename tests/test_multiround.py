@@ -201,6 +201,11 @@ def test_forgetting_benchmark_settings_reach_the_scenario(load_bench):
     assert (strong.target_steps, strong.target_clamp, strong.target_loss_stop) == (60, 4.0, 5e-4)
     with pytest.raises(SystemExit):
         module.parse_args(["--editor-mode", "stock"])
+    real = module.scenario_from_args(module.parse_args(["--model", "smollm2", "--rounds", "5", "--edits-per-client", "20",
+                                                        "--old-relations", "2", "--beta1", "10000"]))
+    assert (real.model, real.is_world, real.num_rounds, real.edits_per_client) == ("smollm2", False, 5, 20)
+    assert (real.forgetting, real.old_relations, real.beta1, real.settings.memit.fact_token) == (True, 2, 1e4, "subject_last")
+    assert module.parse_args(["--runs", "dynamic"]).runs == ["dynamic"]
     with pytest.raises(SystemExit):  # the position split needs a round after the old edits'
         load_bench("forgetting_positions").main(["--quick", "--rounds", "1"])
 
@@ -244,3 +249,26 @@ def test_forgetting_benchmark_writes_exactly_the_issue_keys(cache_dir, tiny_bed,
     for summary in positions["positions"].values():
         assert summary["n_neighbours_edited_subject"] + summary["n_neighbours_unedited_subject"] > 0
     assert all(norms["U_R - U_1"] > 0 for norms in positions["update_norms"].values())
+
+
+def test_forgetting_old_set_of_a_fact_set_has_neighbourhood_prompts():
+    """On real facts a relation whose objects are unique (capitals) has no neighbourhood prompts,
+    so NS / Score of an old set drawn from it would be undefined: E_o comes from relations and
+    cases that have them."""
+    from fedke.data.factset import FactSet
+    from fedke.data.records import EditCase, EditRequest
+    from fedke.simulations.scenario import Scenario, forgetting_cases
+
+    cases = [EditCase(f"c{i}", EditRequest("{} is the capital of", f"City{i}", "Y", "P1376", f"Country{i}", case_id=f"c{i}"))
+             for i in range(6)]
+    cases += [EditCase(f"l{i}", EditRequest("{} speaks", f"Person{i}", "French", "P103", "English", case_id=f"l{i}"),
+                       neighborhood_prompts=(f"Person{i + 1} speaks",) if i % 2 == 0 else (),
+                       neighborhood_target="English")
+              for i in range(12)]
+    facts = FactSet.from_cases("mine", cases)
+    scenario = Scenario(num_rounds=2, num_clients=2, edits_per_client=2, forgetting=True)
+    for seed in range(5):
+        chosen = forgetting_cases(replace(scenario, seed=seed), facts)
+        old = chosen[:4]
+        assert all(case.relation_id == "P103" and case.neighborhood_prompts for case in old)
+        assert {case.relation_id for case in chosen[4:]} == {"P1376"}  # new requests: other relations
