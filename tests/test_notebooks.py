@@ -202,3 +202,39 @@ def test_forgetting_notebook_runs_on_the_tiny_world(cache_dir, tiny_bed, tmp_pat
         assert (out / run / "results.csv").exists()
     png = out / "forgetting.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_overlap_and_conflict_draw_what_the_benchmarks_write():
+    from fedke.plots import plot_conflict, plot_overlap
+
+    overlap = {"repeats": [1, 2, 3], "figure3_modes": {"sequential": {"residual_norm": [4.0, 2.0, 1.0]},
+                                                      "decoupled": {"residual_norm": [4.0, 3.0, 2.5]}}}
+    fig = plot_overlap(overlap)
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 2 and list(lines[0].get_ydata()) == [4.0, 2.0, 1.0] and fig.axes[0].get_yscale() == "log"
+    with pytest.raises(ValueError, match="figure3_modes"):
+        plot_overlap({"repeats": [1]})
+    with pytest.raises(ValueError, match="2 residual norms for 3 repeats"):
+        plot_overlap({"repeats": [1, 2, 3], "figure3_modes": {"sequential": {"residual_norm": [1.0, 0.5]}}})
+    stage = {"succ": 25.0, "avg_delta_p": -1.0, "ES": 50.0, "PS": 40.0, "NS": 90.0, "Score": 55.0}
+    conflict = {"table4": {"before": stage, "after": {**stage, "succ": 90.0}},
+                "winners": {"before": stage, "after": {**stage, "ES": 95.0}}}
+    fig = plot_conflict(conflict)
+    heights = [[bar.get_height() for bar in container] for container in fig.axes[0].containers]
+    assert heights == [[25.0, -1.0], [90.0, -1.0]]
+    assert [bar.get_height() for bar in fig.axes[1].containers[1]] == [95.0, 40.0, 90.0, 55.0]
+    with pytest.raises(ValueError, match="table4"):
+        plot_conflict({"winners": conflict["winners"]})
+
+
+def test_overlap_conflict_notebook_runs_on_the_tiny_world(cache_dir, tiny_bed, tmp_path):
+    import json
+
+    out = tmp_path / "oc"
+    overrides = "\n".join(["QUICK = True", f"CACHE_DIR = {str(cache_dir)!r}", f"OUTPUT_DIR = {str(out)!r}"])
+    env = {**os.environ, "FEDKE_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    nb = _run_notebook(NOTEBOOKS / "overlap_conflict.ipynb", overrides, NOTEBOOKS, env)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert {p.name for p in out.iterdir()} >= {"overlap.json", "overlap.png", "conflict.json", "conflict.png"}
+    assert json.loads((out / "conflict.json").read_text())["detection"]["recall"] == 1.0

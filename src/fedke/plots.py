@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 
 # The order people read the metrics in (as fedke.simulations.results.METRIC_ORDER; repeated
@@ -227,4 +228,57 @@ def plot_forgetting(table: pd.DataFrame, *, metrics: Sequence[str] = ("ES", "PS"
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.suptitle(title if title is not None else f"Forgetting: the {request_set!r} edits over rounds")
+    return fig
+
+
+def plot_overlap(result: dict, *, ax=None, title: str | None = None):
+    """Knowledge overlap (CollabEdit Figure 3): ``||R||_F`` after the same edits are merged k times.
+
+    ``result`` is what ``bench/overlap.py`` writes: ``repeats`` and, per editor mode,
+    ``figure3_modes[mode]["residual_norm"]`` (one value per repeat). One line per mode, log scale
+    (eq. 6 predicts a geometric fall)."""
+    if "repeats" not in result or not result.get("figure3_modes"):
+        raise ValueError(f"plot_overlap needs 'repeats' and 'figure3_modes' (bench/overlap.py's output); got {sorted(result)}")
+    fig, ax = _axes(ax)
+    repeats = list(result["repeats"])
+    for i, (mode, curve) in enumerate(result["figure3_modes"].items()):
+        norms = list(curve["residual_norm"])
+        if len(norms) != len(repeats):
+            raise ValueError(f"mode {mode!r} has {len(norms)} residual norms for {len(repeats)} repeats")
+        ax.plot(repeats, norms, marker="os^"[i % 3], label=f"{mode} MEMIT", linewidth=1.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("times the same edits were merged (k)")
+    ax.set_ylabel("||R||_F at the last edited layer")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    ax.set_title(title if title is not None else "Overlap: the residual of repeated edits")
+    return fig
+
+
+def plot_conflict(result: dict, *, axes=None, title: str | None = None):
+    """Knowledge conflict (CollabEdit Tables 4 and 6): before and after resolution.
+
+    ``result`` is what ``bench/conflict.py`` writes. Left: ``table4`` (Succ, Avg-dP of the winning
+    objects on their prompts, x100); right: the winners' ES / PS / NS / Score (``winners``)."""
+    for key in ("table4", "winners"):
+        if key not in result or not {"before", "after"} <= set(result[key]):
+            raise ValueError(f"plot_conflict needs {key!r} with 'before' and 'after' (bench/conflict.py's output)")
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    else:
+        fig = axes[0].figure
+    panels = [(axes[0], result["table4"], ["succ", "avg_delta_p"], "winning object on its prompts"),
+              (axes[1], result["winners"], ["ES", "PS", "NS", "Score"], "the winners' edits")]
+    for ax, table, metrics, what in panels:
+        x = np.arange(len(metrics))
+        for offset, stage in ((-0.2, "before"), (0.2, "after")):
+            ax.bar(x + offset, [table[stage][m] for m in metrics], width=0.4, label=f"{stage} resolution")
+        ax.set_xticks(x, ["Succ" if m == "succ" else "Avg-ΔP" if m == "avg_delta_p" else m for m in metrics])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(what)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title if title is not None else "Conflict: same subject and relation, two new objects")
     return fig
