@@ -44,7 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import METRICS, peak_rss_mb, print_table, write_json  # noqa: E402
+from _common import METRICS, add_model_arguments, facts_config, fill_model_sizes, peak_rss_mb, print_table, write_json  # noqa: E402
 
 from flwr.common import parameters_to_ndarrays  # noqa: E402
 
@@ -121,10 +121,7 @@ SIZES = {"world": {"pairs": 200, "clients": 10}, "smollm2": {"pairs": 6, "client
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SIZES), default="world",
-                        help="world (the synthetic world's GPT-2) or smollm2 (the real model and its real-fact set)")
-    parser.add_argument("--model-path", default="", help="a real model from a local path (with --model smollm2)")
-    parser.add_argument("--cache-dir", default="", help="where models, facts and statistics are cached")
+    add_model_arguments(parser, SIZES)
     parser.add_argument("--pairs", type=int, help="conflicting pairs (default: the model's SIZES)")
     parser.add_argument("--clients", type=int)
     parser.add_argument("--policy", default="fcfs", choices=["fcfs", "fifo", "priority"])
@@ -138,13 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags, the sizes left out filled from :data:`SIZES`."""
     args = build_parser().parse_args(argv)
-    if args.quick and args.model != "world":
-        raise SystemExit("--quick runs the tiny world; leave out --model or use --model world")
-    if args.model_path and args.model == "world":
-        raise SystemExit("--model-path needs a real model: add --model smollm2")
-    for key, value in SIZES[args.model].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_model_sizes(args, SIZES)
     if args.pairs < 1 or args.clients < 2:
         raise SystemExit(f"--pairs must be at least 1 and --clients at least 2 (cross-client conflicts), "
                          f"got {args.pairs} and {args.clients}")
@@ -165,16 +156,6 @@ def scenario_from_args(args) -> Scenario:
                    conflict_priority=",".join(str(i) for i in range(base.num_clients)),
                    conflict_secret=BENCH_SECRET, seed=args.seed, cache_dir=args.cache_dir or base.cache_dir,
                    output_dir=tempfile.mkdtemp(prefix="fedke-conflict-"))
-
-
-def facts_config(bed, scenario) -> dict:
-    """What the edit cases came from: the world's config, or the real model and its fact set."""
-    if scenario.is_world:
-        return {"model": "world", "world": bed.world.config.__dict__}
-    info = bed.info
-    return {"model": scenario.model_path or scenario.model, "world": None,
-            "facts": {"name": info.get("facts"), "n_facts_held": info.get("n_facts_held"),
-                      "model_fingerprint": info.get("model_fingerprint")}}
 
 
 def main(argv=None) -> dict:
