@@ -552,8 +552,9 @@ def forgetting_cases(scenario: Scenario, world: "World | FactSet") -> list[EditC
     """
     rng = random.Random(f"forgetting/{scenario.seed}")
     scorable = _pairs_with_neighbourhood(world)
+    scorable_relations = None if scorable is None else {relation_id for _, relation_id in scorable}
     relation_ids = [relation.relation_id for relation in world.relations
-                    if scorable is None or any(relation_id == relation.relation_id for _, relation_id in scorable)]
+                    if scorable_relations is None or relation.relation_id in scorable_relations]
     old_relations = set(rng.sample(relation_ids, scenario.old_relations))
     pairs = list(world.fact_pairs())
     rng.shuffle(pairs)

@@ -424,16 +424,15 @@ def _width_groups(attention_mask: torch.Tensor, chunk_tokens: int = 0) -> list[t
 
 
 def _lm_head_rows(lm_head: torch.nn.Module, hidden: torch.Tensor, fixed: bool) -> torch.Tensor:
-    """``lm_head(hidden)`` for rows ``(P, d)``, in products at least MIN_GEMM_ROWS rows tall, or
-    (``fixed``) exactly MIN_GEMM_ROWS rows each, the last one padded, so that a row's logits do
-    not depend on how many rows share it (see :func:`_width_groups`)."""
+    """``lm_head(hidden)`` for rows ``(P, d)``, in one product at least MIN_GEMM_ROWS rows tall, or
+    (``fixed``) in products of exactly MIN_GEMM_ROWS rows, the last one padded, so that a row's
+    logits do not depend on how many rows share it (see :func:`_width_groups`)."""
     n = hidden.shape[0]
-    short = max(MIN_GEMM_ROWS - n, 0) if not fixed else -n % MIN_GEMM_ROWS
+    tall = MIN_GEMM_ROWS if fixed else max(n, MIN_GEMM_ROWS)
+    short = -n % tall
     if short:
         hidden = torch.cat([hidden, hidden[:1].expand(short, -1)])
-    if not fixed:
-        return lm_head(hidden)[:n]
-    return torch.cat([lm_head(piece) for piece in hidden.split(MIN_GEMM_ROWS)])[:n]
+    return torch.cat([lm_head(piece) for piece in hidden.split(tall)])[:n]
 
 
 def _check_close(what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
