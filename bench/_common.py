@@ -59,10 +59,12 @@ def fill_model_sizes(args, sizes: dict) -> None:
 
 
 def facts_config(bed, scenario) -> dict:
-    """What the edit cases came from: the world's config, or the real model and its fact set."""
+    """What the edit cases came from (the world's config, or the real model and its fact set) and
+    the fact token they were edited at."""
+    fact_token = scenario.memit_overrides()["fact_token"]
     if scenario.is_world:
-        return {"model": "world", "world": bed.world.config.__dict__}
+        return {"model": "world", "world": bed.world.config.__dict__, "fact_token": fact_token}
     info = bed.info
     return {"model": scenario.model_path or scenario.model, "world": None,
             "facts": {"name": info.get("facts"), "n_facts_held": info.get("n_facts_held"),
-                      "model_fingerprint": info.get("model_fingerprint")}}
+                      "model_fingerprint": info.get("model_fingerprint")}, "fact_token": fact_token}

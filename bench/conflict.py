@@ -232,7 +232,7 @@ def main(argv=None) -> dict:
                        "withdrawn": sum(int(m.get("n_withdrawn", 0)) for m in round2["clients"]),
                        "augmented_requests": int(round2["round"].get("n_edits", 0))},
         "config": {"pairs": pairs, "clients": scenario.num_clients, "policy": args.policy, "quick": args.quick,
-                   **facts_config(bed, scenario), "fact_token": scenario.memit_overrides()["fact_token"],
+                   **facts_config(bed, scenario),
                    "lam": scenario.settings.memit.lam, "seed": args.seed},
     }
 

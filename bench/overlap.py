@@ -277,7 +277,7 @@ def main(argv=None) -> dict:
                    "layers": list(args.layers) if args.layers else list(bed.memit_config.layers),
                    "residual_split": args.residual_split or bed.memit_config.residual_split,
                    "others": args.others, "overlap": args.overlap, "threshold": threshold, "quick": args.quick,
-                   **facts_config(bed, scenario), "fact_token": scenario.memit_overrides()["fact_token"],
+                   **facts_config(bed, scenario),
                    "lam": scenario.settings.memit.lam, "reoptimise_every": args.reoptimise_every, "seed": args.seed},
         "seconds": time.perf_counter() - started,
         "peak_rss_mb": peak_rss_mb(),

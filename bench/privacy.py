@@ -328,14 +328,12 @@ def _attack_scenario(model: str, quick: bool, cache_dir: str):
 
 
 def _distinct_subject_cases(facts, n: int, seed: int) -> list:
-    chosen, seen = [], set()
-    for case in facts.edit_cases(None, seed=seed):
-        if case.request.subject not in seen:
-            seen.add(case.request.subject)
-            chosen.append(case)
-        if len(chosen) == n:
-            return chosen
-    raise ValueError(f"the fact set has fewer than {n} distinct subjects")
+    from fedke.privacy import distinct_subject_cases
+
+    chosen = distinct_subject_cases(facts.edit_cases(None, seed=seed), n)
+    if len(chosen) < n:
+        raise ValueError(f"the fact set has fewer than {n} distinct subjects")
+    return chosen
 
 
 def _wire(array) -> np.ndarray:

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["best_cosines", "delta_key_basis", "merged_delta", "nearest_labels", "per_client_precision",
+__all__ = ["best_cosines", "delta_key_basis", "distinct_subject_cases", "merged_delta", "nearest_labels", "per_client_precision",
            "precision_at_m", "rank_labels", "reidentify", "reidentify_from_vectors", "row_space_basis",
            "subspace_reidentify", "subspace_scores", "top_eigenvectors", "unit_columns"]
 
@@ -195,6 +195,19 @@ def per_client_precision(basis: np.ndarray, dictionary: np.ndarray, labels: Sequ
     return float(np.mean([precision_at_m(ranked, subjects) for subjects in client_subjects]))
 
 
+def distinct_subject_cases(cases: Sequence, n: int) -> list:
+    """The first ``n`` of ``cases`` (edit cases, in their order) whose subjects differ (fewer if
+    ``cases`` hold fewer distinct subjects)."""
+    chosen, seen = [], set()
+    for case in cases:
+        if len(chosen) == n:
+            break
+        if case.request.subject not in seen:
+            seen.add(case.request.subject)
+            chosen.append(case)
+    return chosen
+
+
 def world_dictionary(world, editor, layer: str, *, batch_size: int = 256) -> tuple[np.ndarray, list[str]]:
     """Keys of every (subject, relation, template) of ``world`` at ``layer``: the attacker's dictionary.
 
@@ -228,13 +241,7 @@ def inversion_curve(world, editor, ms: Sequence[int] = (1, 2, 4, 8, 16, 32), *, 
     for m in ms:
         results = []
         for _ in range(trials):
-            chosen, seen = [], set()
-            for index in rng.permutation(len(cases)):
-                if cases[index].request.subject not in seen:
-                    seen.add(cases[index].request.subject)
-                    chosen.append(cases[index])
-                if len(chosen) == m:
-                    break
+            chosen = distinct_subject_cases([cases[index] for index in rng.permutation(len(cases))], m)
             keys = editor.keys([case.request for case in chosen])[layer]
             subjects = [case.request.subject for case in chosen]
             results.append(reidentify(keys @ keys.T, keys, subjects, keys_dict, labels)
