@@ -267,7 +267,6 @@ def main(argv=None) -> dict:
                                                         "residual_norm_eq6", "ES", "NS", "monotone")}
                           for mode, curve in fig3_modes.items()},
         "guard": {"off": off, "on": on} if off is not None else None,
-        "guard_effect": guard_effect(off, on),
         "targets": {
             "residual_norm_monotone": fig3["monotone"],
             "residual_norm_monotone_by_mode": {mode: curve["monotone"] for mode, curve in fig3_modes.items()},
@@ -300,6 +299,7 @@ def main(argv=None) -> dict:
         print_table(rows, ["guard", "set", *METRICS, "skipped"],
                     f"Guard (threshold {threshold:.4g}): {args.clients} clients x {args.rounds} rounds, "
                     f"{args.others} fresh + {args.overlap} repeated requests each")
+        print(f"guard effect (on - off): {guard_effect(off, on)}")
     print(f"targets: {result['targets']}")
     write_json(args.out, result)
     return result
