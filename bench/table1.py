@@ -20,6 +20,7 @@ own errors (``one_shot_collab_vs_global_rel_error``, ``..._float32_wire``).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -97,6 +98,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true", help="tiny world, 3 clients x 4 edits")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     overrides = dict(editor_mode=args.mode, wire_dtype="float64", ta_lambda=args.ta_lambda, ties_k=args.ties_k,
                      ties_lambda=args.ties_lambda, seed=args.seed, passes=args.passes, output_dir="fedke-results/table1",
                      cache_dir=args.cache_dir, batch_invariant=args.batch_invariant)

@@ -167,8 +167,10 @@ def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", 
     layerwise = base.layerwise_enabled and "collabedit" in methods
     clients = [make_client(base, cid) for cid in range(base.num_clients)]
     started = time.perf_counter()
-    replies = [(LocalProxy(str(i)), fit_result(*client.fit([], {"server_round": 1})))
-               for i, client in enumerate(clients)]
+    replies = []
+    for i, client in enumerate(clients):
+        replies.append((LocalProxy(str(i)), fit_result(*client.fit([], {"server_round": 1}))))
+        log.info("client %d/%d edited (%.1f s so far)", i + 1, len(clients), time.perf_counter() - started)
     seconds = {"client_edits": time.perf_counter() - started}
     log.info("%d clients edited in %.1f s", len(clients), seconds["client_edits"])
     updates: dict[str, dict[str, np.ndarray]] = {}
@@ -188,8 +190,9 @@ def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", 
         writer.record(1, evaluate_update(scenario, strategy.global_update, 1, cases), method="CollabEdit")
     if include_global:
         editor = bed.editor(**scenario.memit_overrides())
+        log.info("Global-Edit: %d requests in one edit", len(cases))
         started = time.perf_counter()
-        payload = editor.edit([case.request for case in cases])
+        payload = editor.edit([case.request for case in cases], progress=log.isEnabledFor(logging.INFO))
         seconds["GlobalEdit"] = time.perf_counter() - started
         updates["GlobalEdit"] = payload.deltas()
         writer.record(1, evaluate_update(scenario, payload.deltas(), 1, cases), method="GlobalEdit")
