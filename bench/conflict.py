@@ -56,7 +56,7 @@ from fedke.simulations.client_app import make_client  # noqa: E402
 from fedke.simulations.inprocess import LocalProxy, fit_result  # noqa: E402
 from fedke.simulations.runtime import dealt_cases_for, testbed_for  # noqa: E402
 from fedke.simulations.scenario import Scenario  # noqa: E402
-from fedke.simulations.server_app import build_strategy  # noqa: E402
+from fedke.simulations.wiring import build_strategy  # noqa: E402
 
 log = logging.getLogger("bench.conflict")
 BENCH_SECRET = "fedke-bench-federation-secret-not-for-deployment"

@@ -52,9 +52,10 @@ def main(argv=None) -> dict:
 
     from fedke.simulations.inprocess import run_edit_round, LocalProxy
     from fedke.simulations.client_app import make_client
-    from fedke.simulations.runtime import evaluate_update, testbed_for
+    from fedke.simulations.oracle import evaluate_update
+    from fedke.simulations.runtime import testbed_for
     from fedke.simulations.scenario import Scenario
-    from fedke.simulations.server_app import build_strategy
+    from fedke.simulations.wiring import build_strategy
 
     overrides = {}
     for item in args.config:

@@ -44,7 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_json  # noqa: E402
 
-from fedke.simulations.multiround import NEW_ALL, OLD_SET, current_rss_mb, new_set_name, peak_rss_mb, run_multiround  # noqa: E402
+from fedke.simulations.multiround import current_rss_mb, peak_rss_mb, run_multiround  # noqa: E402
+from fedke.simulations.oracle import NEW_ALL, OLD_SET, new_set_name  # noqa: E402
 from fedke.simulations.scenario import Scenario  # noqa: E402
 from fedke.testbed import STRONG_TARGETS  # noqa: E402
 

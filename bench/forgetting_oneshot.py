@@ -41,7 +41,7 @@ from forgetting import TABLE5  # noqa: E402
 from fedke.editing import applied_update  # noqa: E402
 from fedke.editing.memit import Targets  # noqa: E402
 from fedke.eval import evaluate_cases  # noqa: E402
-from fedke.simulations.multiround import round_cases  # noqa: E402
+from fedke.simulations.oracle import round_cases  # noqa: E402
 from fedke.simulations.runtime import testbed_for  # noqa: E402
 from fedke.simulations.scenario import Scenario  # noqa: E402
 

@@ -49,7 +49,8 @@ from forgetting import TABLE5, build_parser, parse_args, scenario_from_args  # n
 from fedke.editing import applied_update  # noqa: E402
 from fedke.editing.presets import get_module  # noqa: E402
 from fedke.eval import PromptPair, aggregate, case_metrics, encode_prompt, encode_target  # noqa: E402
-from fedke.simulations.multiround import round_cases, run_multiround  # noqa: E402
+from fedke.simulations.multiround import run_multiround  # noqa: E402
+from fedke.simulations.oracle import round_cases  # noqa: E402
 from fedke.simulations.runtime import testbed_for  # noqa: E402
 
 MASKS = ("none", "all", "subject", "other")

@@ -61,7 +61,7 @@ from fedke.simulations.client import EditClient  # noqa: E402
 from fedke.simulations.inprocess import LocalProxy, fit_result  # noqa: E402
 from fedke.simulations.runtime import testbed_for  # noqa: E402
 from fedke.simulations.scenario import Scenario  # noqa: E402
-from fedke.simulations.server_app import build_strategy  # noqa: E402
+from fedke.simulations.wiring import build_strategy  # noqa: E402
 
 log = logging.getLogger("bench.overlap")
 

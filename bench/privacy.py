@@ -347,7 +347,7 @@ def bench_attacks(model: str, quick: bool, cache_dir: str) -> dict:
     from fedke import privacy as pv
     from fedke.simulations.runtime import testbed_for
     from fedke.simulations.secure import secagg_results
-    from fedke.simulations.server_app import build_strategy
+    from fedke.simulations.wiring import build_strategy
     from fedke.strategies.secagg import decode_secagg_sum
 
     started = time.perf_counter()

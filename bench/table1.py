@@ -37,8 +37,9 @@ from flwr.common import parameters_to_ndarrays  # noqa: E402
 from fedke.codec import decode_payload, encode_payload  # noqa: E402
 from fedke.simulations.client_app import make_client  # noqa: E402
 from fedke.simulations.inprocess import ONE_SHOT_LABEL, compare_methods, fit_result, layerwise_collab  # noqa: E402
-from fedke.simulations.runtime import dealt_cases_for, evaluate_update, testbed_for  # noqa: E402
-from fedke.simulations.server_app import build_strategy  # noqa: E402
+from fedke.simulations.oracle import evaluate_update  # noqa: E402
+from fedke.simulations.runtime import dealt_cases_for, testbed_for  # noqa: E402
+from fedke.simulations.wiring import build_strategy  # noqa: E402
 from fedke.simulations.scenario import Scenario  # noqa: E402
 
 

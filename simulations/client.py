@@ -87,7 +87,7 @@ class EditClient(NumPyClient):
         requests, sends HMAC claims (or after-the-fact failure reports) in the fit metrics, and
         acts on the server's decisions (losers withdraw, winners re-edit with augmentation).
     secure_aggregation : bool (default: False)
-        Reply with :func:`fedke.strategies.secagg.encode_secagg` (the sums layout scaled by the
+        Reply with :func:`fedke.secagg.encode_secagg` (the sums layout scaled by the
         bounds in the fit config, ``num_examples = 1``, no metrics) for ``secaggplus_mod`` to mask;
         see :mod:`fedke.strategies.secagg`.
     state : flwr.common.RecordDict | None (default: None)
@@ -150,7 +150,7 @@ class EditClient(NumPyClient):
             else:
                 payload = self._empty_payload()
         if self.secure_aggregation:  # only the SecAgg+ layout, scaled by the server's public bounds
-            from fedke.strategies.secagg import SecAggBounds, encode_secagg
+            from fedke.secagg import SecAggBounds, encode_secagg
 
             return encode_secagg(payload, self.layer_specs, SecAggBounds.from_config(config)), 1, {}
         arrays = encode_payload(payload, dtype=self.wire_dtype)

@@ -27,10 +27,11 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.client_proxy import ClientProxy
 
 from .client_app import make_client
-from .results import ResultsWriter
-from .runtime import dealt_cases_for, evaluate_update, testbed_for
+from .oracle import evaluate_update
+from .results import ResultsWriter, display_name
+from .runtime import dealt_cases_for, testbed_for
 from .scenario import Scenario
-from .server_app import build_strategy
+from .wiring import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", 
     log.info("%d clients edited in %.1f s", len(clients), seconds["client_edits"])
     updates: dict[str, dict[str, np.ndarray]] = {}
     for method in methods:
-        label = ONE_SHOT_LABEL if layerwise and method == "collabedit" else _label(method)
+        label = ONE_SHOT_LABEL if layerwise and method == "collabedit" else display_name(method)
         # the merge alone: its strategy does not depend on passes (the replies carry the clients' passes)
         strategy = build_strategy(replace(scenario, strategy=method, layerwise="false", passes=1), evaluate=False,
                                   wait_for_clients=False)
@@ -201,11 +202,6 @@ def compare_methods(scenario: Scenario, methods: Sequence[str] = ("collabedit", 
 
 #: The method name of one-shot CollabEdit in :func:`compare_methods` when CollabEdit runs layer-wise.
 ONE_SHOT_LABEL = "CollabEdit (one-shot)"
-
-
-def _label(method: str) -> str:
-    return {"collabedit": "CollabEdit", "fedavg": "FedAvg", "task_arithmetic": "TaskArithmetic",
-            "ties": "TIES", "global": "GlobalEdit"}.get(method, method)
 
 
 def sweep_clients(base: Scenario, client_counts: Iterable[int], *, total_edits: int | None = None,

@@ -35,83 +35,17 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
-
-import numpy as np
-
-from fedke.editing.weights import applied_update
-from fedke.eval import aggregate, evaluate_cases
+from typing import Any, Callable
 
 from .checkpoint import resume_point, restore, save_checkpoint
 from .client_app import make_client
-from .inprocess import LocalProxy, _label, run_edit_round
+from .inprocess import LocalProxy, run_edit_round
+from .oracle import OLD_SET, evaluate_round
 from .results import ResultsWriter
-from .runtime import dealt_cases_for, testbed_for
 from .scenario import Scenario
-from .server_app import build_strategy
+from .wiring import build_strategy
 
 log = logging.getLogger(__name__)
-
-OLD_SET = "old"
-NEW_ALL = "new-all"
-
-
-def new_set_name(server_round: int) -> str:
-    """The request-set name of the cases edited in Flower round ``server_round >= 2``: ``new-<round - 1>``."""
-    return f"new-{server_round - 1}"
-
-
-def method_label(scenario: Scenario) -> str:
-    """The ``method`` column of the results: the run config's strategy name, as the ServerApp writes it."""
-    return scenario.strategy
-
-
-def display_name(method: str) -> str:
-    """``collabedit`` -> ``CollabEdit``, ``global`` -> ``GlobalEdit``, ... (names in tables and plots)."""
-    return _label(method)
-
-
-def round_cases(scenario: Scenario, server_round: int) -> list:
-    """Every client's cases of Flower round ``server_round``."""
-    dealt = dealt_cases_for(scenario)
-    return [case for (_, r), cases in sorted(dealt.items()) if r == server_round for case in cases]
-
-
-def request_sets(scenario: Scenario, server_round: int) -> dict[str, list]:
-    """The request sets measured after ``server_round`` (see the module docstring), name -> cases."""
-    if not scenario.forgetting:
-        dealt = dealt_cases_for(scenario)
-        return {"all": [case for (_, r), cases in sorted(dealt.items()) if r <= server_round for case in cases]}
-    sets = {OLD_SET: round_cases(scenario, 1)}
-    final = server_round == scenario.num_rounds
-    rounds = range(2, server_round + 1) if final else ([server_round] if server_round > 1 else [])
-    for r in rounds:
-        sets[new_set_name(r)] = round_cases(scenario, r)
-    if final and scenario.num_rounds > 1:
-        sets[NEW_ALL] = [case for r in range(2, scenario.num_rounds + 1) for case in sets[new_set_name(r)]]
-    return sets
-
-
-def evaluate_round(scenario: Scenario, update: Mapping[str, np.ndarray], server_round: int) -> dict[str, dict[str, float]]:
-    """Metrics (x100) of every request set of ``server_round`` on the model with ``update`` applied.
-
-    The distinct cases of all sets are scored in one batched call; each set's metrics aggregate
-    its own cases' rows (:func:`fedke.eval.aggregate`).
-    """
-    sets = request_sets(scenario, server_round)
-    unique = {}
-    for cases in sets.values():
-        for case in cases:
-            unique.setdefault(case.case_id, case)
-    if not unique:
-        return {}
-    bed = testbed_for(scenario)
-    with applied_update(bed.model, update):
-        per_case = evaluate_cases(bed.model, bed.tokenizer, list(unique.values())).per_case
-    per_case = per_case.set_index("case_id", drop=False)
-    return {name: {k: float(v) for k, v in aggregate(per_case.loc[[c.case_id for c in cases]]).items()}
-            for name, cases in sets.items() if cases}
-
 
 def current_rss_mb() -> float:
     """Resident set size of this process now, in MiB (Linux ``/proc/self/statm``; peak RSS elsewhere)."""
@@ -168,7 +102,7 @@ def run_multiround(scenario: Scenario, *, output_dir: str | None = None, write: 
     for what is refused).
     """
     writer = ResultsWriter(output_dir or scenario.output_dir, config=scenario.to_run_config(),
-                           method=method_label(scenario))
+                           method=scenario.strategy)
     writer.summary_set = OLD_SET if scenario.forgetting else "all"
     strategy = build_strategy(scenario, evaluate=False, writer=writer, wait_for_clients=False)
     checkpoint = resume_point(scenario)

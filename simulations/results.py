@@ -13,7 +13,6 @@ JSON (``bench/_common.py``) use the same function.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from fedke.cache import atomic_write_bytes, atomic_write_json
+from fedke.plots import METHOD_NAMES
 
 log = logging.getLogger(__name__)
 METRIC_ORDER = ["ES", "PS", "NS", "Score", "EA", "PA", "NA", "AccScore"]
@@ -110,3 +110,8 @@ class ResultsWriter:
                f"written to {self.output_dir.resolve()}"
         print(text, flush=True)
         return text
+
+
+def display_name(method: str) -> str:
+    """``collabedit`` -> ``CollabEdit``, ``global`` -> ``GlobalEdit``, ... (names in tables and plots)."""
+    return METHOD_NAMES.get(method, method)

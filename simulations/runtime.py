@@ -16,8 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedke.data.records import EditCase
-from fedke.editing.weights import applied_update
-from fedke.eval import evaluate_cases
 from fedke.data.world import WorldConfig
 from fedke.editing.hparams import EditingSettings
 from fedke.testbed import Testbed, load_real_testbed, load_testbed
@@ -67,14 +65,3 @@ def testbed_for(scenario: Scenario, *, progress: bool = False) -> Testbed:
 def dealt_cases_for(scenario: Scenario) -> dict[tuple[int, int], list[EditCase]]:
     """(client, round) -> edit cases, computed once per process and scenario."""
     return deal_cases(scenario, testbed_for(scenario).world)
-
-
-def evaluate_update(scenario: Scenario, update, server_round: int, cases=None) -> dict[str, float]:
-    """Metrics of the world model with ``update`` applied, on ``cases`` (default: every case
-    edited up to ``server_round``, all clients' — an oracle only a simulation has)."""
-    bed = testbed_for(scenario)
-    if cases is None:
-        dealt = dealt_cases_for(scenario)
-        cases = [case for (_, r), cs in sorted(dealt.items()) if r <= server_round for case in cs]
-    with applied_update(bed.model, update):
-        return {k: float(v) for k, v in evaluate_cases(bed.model, bed.tokenizer, cases).summary.items()}

@@ -23,9 +23,10 @@ from fedke.strategies.secagg import CollabEditSecAgg, encode_secagg, simulate_se
 
 from .client_app import make_client
 from .inprocess import LocalProxy, fit_result
-from .runtime import dealt_cases_for, evaluate_update
+from .oracle import evaluate_update
+from .runtime import dealt_cases_for
 from .scenario import Scenario
-from .server_app import build_strategy
+from .wiring import build_strategy
 
 __all__ = ["SecAggComparison", "compare_secagg", "secagg_results"]
 

@@ -17,89 +17,11 @@ import logging
 from flwr.common import Context
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
-from fedke.codec import LayerSpec
-from fedke.conflict import ConflictCoordinator
-from fedke.strategies import make_strategy
-
 from .results import ResultsWriter
-from .runtime import evaluate_update, testbed_for
 from .scenario import Scenario
+from .wiring import build_strategy
 
 log = logging.getLogger(__name__)
-
-
-def build_strategy(scenario: Scenario, *, evaluate: bool = True, writer: ResultsWriter | None = None,
-                   wait_for_clients: bool = True):
-    """The strategy a scenario names, wired to the world model's layers and statistics."""
-    bed = testbed_for(scenario, progress=True)
-    editor = bed.editor(progress=True, **scenario.memit_overrides())  # progress: K0 of knowledge-weight, once
-    specs = [LayerSpec(name, *shape) for name, shape in editor.layer_shapes().items()]
-    n = scenario.effective_clients if wait_for_clients else 0
-    kwargs = dict(layer_specs=specs, min_fit_clients=n, min_evaluate_clients=n, min_available_clients=n,
-                  fraction_evaluate=1.0 if wait_for_clients else 0.0, wire_dtype=scenario.wire_dtype,
-                  max_edits_per_client=scenario.max_edits_per_client, **scenario.strategy_kwargs())
-    if scenario.strategy_class_name == "collabedit":
-        kwargs["regularisers"] = editor.regularisers()
-    if scenario.conflict_detection != "off":
-        kwargs["conflict_coordinator"] = ConflictCoordinator(scenario.conflict_policy,
-                                                             priority=scenario.conflict_priority)
-    if evaluate:
-        kwargs["evaluate_fn"] = oracle_evaluate_fn(scenario, writer)
-    if writer is not None:
-        kwargs["on_round_end"] = lambda server_round, metrics: writer.record(server_round, metrics,
-                                                                              request_set="merge")
-        # the clients' own evaluation of their requests, combined weighted by their counts
-        kwargs["on_evaluate_end"] = lambda server_round, metrics: _record_and_write(writer, server_round, metrics)
-    if scenario.secure_aggregation:
-        return _secagg_strategy(scenario, bed, specs, kwargs)
-    if scenario.layerwise_enabled:
-        return make_strategy("layerwise_collabedit", **kwargs)
-    return make_strategy(scenario.strategy_class_name, **kwargs)
-
-
-def _secagg_strategy(scenario: Scenario, bed, specs, kwargs):
-    """CollabEdit over SecAgg+ with public bounds from the world model (:func:`fedke.strategies.secagg.default_bounds`)."""
-    from fedke.editing.presets import get_module
-    from fedke.editing.weights import weight_matrix
-    from fedke.strategies.secagg import CollabEditSecAgg, default_bounds
-
-    weights = {spec.name: weight_matrix(get_module(bed.model, spec.name)).detach().double().cpu().numpy()
-               for spec in specs}
-    bounds = default_bounds(kwargs["regularisers"], weights, lam=scenario.settings.memit.lam,
-                            max_edits=scenario.max_edits_per_client, clip=scenario.secagg_clip)
-    return CollabEditSecAgg(bounds=bounds, max_clients=scenario.num_clients, **kwargs)
-
-
-def _record_and_write(writer: ResultsWriter, server_round: int, metrics) -> None:
-    writer.record(server_round, metrics, request_set="federated")
-    writer.write()
-
-
-def oracle_evaluate_fn(scenario: Scenario, writer: ResultsWriter | None):
-    """ORACLE: evaluate the global model on every request edited so far (all clients' requests)."""
-
-    def evaluate(server_round: int, update):
-        if server_round == 0:
-            return None
-        if scenario.forgetting:  # the old set every round, each new set at its round and the end
-            from .multiround import OLD_SET, evaluate_round
-
-            by_set = evaluate_round(scenario, update, server_round)
-            metrics = by_set[OLD_SET]
-        else:
-            by_set = {"all": evaluate_update(scenario, update, server_round)}
-            metrics = by_set["all"]
-        log.info("round %d: %s", server_round, " ".join(f"{k}={v:.1f}" for k, v in metrics.items()))
-        if writer is not None:
-            for name, values in by_set.items():
-                writer.record(server_round, values, request_set=name)
-            writer.write()
-            if server_round == scenario.num_rounds:
-                writer.print_summary(f"fedke {scenario.strategy}: {scenario.effective_clients} client(s) x "
-                                     f"{scenario.effective_edits_per_client} edits, {scenario.num_rounds} round(s)")
-        return 1.0 - metrics.get("Score", 0.0) / 100.0, metrics
-
-    return evaluate
 
 
 def server_fn(context: Context) -> ServerAppComponents:

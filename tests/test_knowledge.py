@@ -93,7 +93,7 @@ def test_scenario_key():
 
 
 def test_the_server_merges_with_the_protected_regulariser(cache_dir, tiny_bed):
-    from fedke.simulations.server_app import build_strategy
+    from fedke.simulations.wiring import build_strategy
 
     scenario = Scenario.from_preset("tiny", knowledge_weight=0.2, cache_dir=str(cache_dir))
     strategy = build_strategy(scenario, evaluate=False, wait_for_clients=False)

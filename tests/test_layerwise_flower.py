@@ -102,7 +102,7 @@ def test_client_keeps_its_targets_in_state_and_a_fresh_client_recomputes_them_bi
     from fedke.simulations.client import TARGETS_META, TARGETS_RECORD
     from fedke.simulations.client_app import make_client
     from fedke.strategies import LayerwiseCollabEdit
-    from fedke.simulations.server_app import build_strategy
+    from fedke.simulations.wiring import build_strategy
 
     strategy = build_strategy(sequential, evaluate=False, wait_for_clients=False)
     assert isinstance(strategy, LayerwiseCollabEdit)
@@ -139,7 +139,7 @@ def test_client_keeps_its_targets_in_state_and_a_fresh_client_recomputes_them_bi
 
 def test_the_client_refuses_what_does_not_combine(sequential):
     from fedke.simulations.client_app import make_client
-    from fedke.simulations.server_app import build_strategy
+    from fedke.simulations.wiring import build_strategy
 
     strategy = build_strategy(sequential, evaluate=False, wait_for_clients=False)
     parameters, config = parameters_to_ndarrays(strategy.fit_parameters(1)), strategy.fit_config(1, "0")
@@ -162,7 +162,7 @@ def test_the_flower_strategy_path_equals_the_driver_and_sequential_global_edit(s
     up to float32 weight rounding, sequential Global-Edit's (one-shot CollabEdit is not)."""
     from fedke.simulations.client_app import make_client
     from fedke.simulations.inprocess import LocalProxy, run_edit_round
-    from fedke.simulations.server_app import build_strategy
+    from fedke.simulations.wiring import build_strategy
 
     editor = tiny_bed.editor(**sequential.memit_overrides())
     strategy = build_strategy(sequential, evaluate=False, wait_for_clients=False)
@@ -340,7 +340,7 @@ def test_passes_walk_the_layers_again_and_equal_sequential_global_edit_with_pass
     strategy path equals the driver and sequential Global-Edit with two passes and the same A_t."""
     from fedke.simulations.client_app import make_client
     from fedke.simulations.inprocess import LocalProxy, run_edit_round
-    from fedke.simulations.server_app import build_strategy
+    from fedke.simulations.wiring import build_strategy
     from fedke.strategies import LayerwiseCollabEdit
 
     scenario = replace(sequential, passes=2, covariance="dynamic", beta0=1.0, beta1=0.5)
@@ -380,7 +380,7 @@ def test_passes_walk_the_layers_again_and_equal_sequential_global_edit_with_pass
 def test_passes_need_the_layerwise_protocol_and_the_same_setting_on_both_sides(sequential):
     from fedke.simulations.checkpoint import fingerprint_config
     from fedke.simulations.client_app import make_client
-    from fedke.simulations.server_app import build_strategy
+    from fedke.simulations.wiring import build_strategy
 
     with pytest.raises(ValueError, match="needs the layer-wise protocol"):
         replace(sequential, passes=2, editor_mode="decoupled")

@@ -64,7 +64,7 @@ def test_forgetting_deal_old_then_unrelated_new_sets(forgetting, tiny_bed):
 
 
 def test_request_sets_per_round(forgetting, tiny_bed):
-    from fedke.simulations.multiround import request_sets
+    from fedke.simulations.oracle import request_sets
 
     assert list(request_sets(forgetting, 1)) == ["old"]
     assert list(request_sets(forgetting, 2)) == ["old", "new-1"]
@@ -84,8 +84,8 @@ def collab_runs(forgetting, tiny_bed):
 
 
 def test_rows_are_tidy_and_per_set_metrics_equal_a_direct_evaluation(forgetting, collab_runs):
-    from fedke.simulations.multiround import round_cases
-    from fedke.simulations.runtime import evaluate_update
+    from fedke.simulations.oracle import round_cases
+    from fedke.simulations.oracle import evaluate_update
 
     outcome = collab_runs["dynamic"]
     table = outcome.table()

@@ -160,7 +160,7 @@ def test_compare_methods_is_table_1(tiny):
 
 def test_the_strategy_bounds_a_reply_by_the_scenarios_edits_per_client(tiny):
     """A client may count its share plus every conflicting twin, no more (FedAvg weighs by it)."""
-    from fedke.simulations.server_app import build_strategy
+    from fedke.simulations.wiring import build_strategy
 
     fedavg = replace(tiny, strategy="fedavg", conflict_pairs=1)
     strategy = build_strategy(fedavg, evaluate=False, wait_for_clients=False)
