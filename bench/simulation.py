@@ -83,7 +83,7 @@ _RUN_FINISHED = re.compile(r"Run finished (\d+) round\(s\) in ([0-9.]+)s")
 # ----------------------------------------------------------------------------- the scenario
 def scenario_config(args, n_clients: int) -> dict:
     """The run config (flat ``[tool.flwr.app.config]`` keys) for ``n_clients``."""
-    from fedke.simulations.launch import load_run_config, read_overrides
+    from fedke.simulations.flwr_cli import load_run_config, read_overrides
     from fedke.simulations.scenario import PRESET_DIR
 
     preset = Path(args.preset)
@@ -407,7 +407,8 @@ class _TimedLines:
 
 
 def run_flower(config: dict, n_clients: int, args) -> dict:
-    from fedke.simulations.launch import read_overrides, run_app
+    from fedke.simulations.flwr_cli import read_overrides
+    from fedke.simulations.launch import run_app
 
     home = Path(tempfile.mkdtemp(prefix="fedke-bench-flwr-home-")).resolve()
     federation = read_overrides(args.federation_config)

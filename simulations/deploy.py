@@ -34,22 +34,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .launch import (
-    RunFailed,
-    RunResult,
-    RunTimedOut,
-    _executable,
-    _flwr_env,
-    _free_port,
-    _healthy,
-    _query_status,
-    _run_flwr,
-    _stop_process_tree,
-    format_config_args,
-    parse_run_id,
-    split_status,
-    strip_ansi,
-)
+from .flwr_cli import (RunFailed, RunResult, RunTimedOut, flwr_env, format_config_args, parse_run_id, query_status,
+                       run_flwr, split_status, strip_ansi)
+from .processes import executable, free_port, is_healthy, stop_process_tree
 
 __all__ = ["LoopbackDeployment"]
 
@@ -131,18 +118,18 @@ class LoopbackDeployment:
     def start(self) -> "LoopbackDeployment":
         """Start the SuperLink, wait until it is healthy, then start the SuperNodes."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
-        self.env = _flwr_env(self.home, _free_port(), _free_port())
+        self.port = free_port()
+        self.env = flwr_env(self.home, free_port(), free_port())
         (self.home / "config.toml").write_text(_flower_config(self.port))
         logs = self.home / "logs"
         logs.mkdir(exist_ok=True)
         try:
             superlink = self._spawn("superlink", [
-                _executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
                 "--database", str(self.home / "state.db"), "--disable-runtime-dependency-installation",
             ], logs / "superlink.log")
             deadline = time.monotonic() + self.startup_timeout_s
-            while not _healthy(self.port):
+            while not is_healthy(self.port):
                 if superlink.poll() is not None:
                     raise RuntimeError(f"flower-superlink exited with code {superlink.returncode}:\n"
                                        f"{self.log_tail('superlink')}")
@@ -152,8 +139,8 @@ class LoopbackDeployment:
                 time.sleep(0.2)
             for node in range(self.num_supernodes):
                 self._spawn(f"supernode-{node}", [
-                    _executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                    "--host", "127.0.0.1", "--port", str(_free_port()),
+                    executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                    "--host", "127.0.0.1", "--port", str(free_port()),
                     "--node-config", f"partition-id={node} num-partitions={self.num_supernodes}",
                 ], logs / f"supernode-{node}.log")
         except BaseException:
@@ -165,7 +152,7 @@ class LoopbackDeployment:
         """Stop every process started here (SuperNodes first), each with its process tree, by PID."""
         for name, proc in reversed(self.processes):
             try:
-                _stop_process_tree(proc.pid, proc, grace_s=6.0)
+                stop_process_tree(proc.pid, proc, grace_s=6.0)
             except Exception as error:  # noqa: BLE001 - keep stopping the others
                 log.warning("stopping %s (pid %d) failed: %s", name, proc.pid, error)
         if self._temp_home:
@@ -192,7 +179,7 @@ class LoopbackDeployment:
         Raises :class:`RunFailed` when the run ends otherwise (the result holds status, details and
         log) and :class:`RunTimedOut` after ``timeout_s`` (the run is stopped with ``flwr stop``).
         """
-        command = [_executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION]
+        command = [executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION]
         for arg in format_config_args(run_config):
             command += ["--run-config", arg]
         command.append("--stream")
@@ -208,13 +195,13 @@ class LoopbackDeployment:
         run_id = parse_run_id(text)
         if timed_out:
             if run_id is not None:
-                _run_flwr(["stop", str(run_id), CONNECTION], self.env, self.home, 60)
+                run_flwr(["stop", str(run_id), CONNECTION], self.env, self.home, 60)
             raise RunTimedOut(RunResult(run_id, "timeout", "", time.monotonic() - t0, text),
                               reason=f"run did not finish within {timeout_s:.0f} s")
         status = None
         if run_id is not None:
             for _ in range(50):  # the status may lag the end of the log stream by a moment
-                status = _query_status(run_id, self.env, self.home)
+                status = query_status(run_id, self.env, self.home)
                 if status is not None and str(status.get("status", "")).startswith("finished"):
                     break
                 time.sleep(0.2)

@@ -477,7 +477,8 @@ def test_rng_states_round_trip_through_json_and_arrays():
 def test_flwr_run_resumes_a_crashed_run(scenario, uninterrupted, tmp_path):
     """A real ``flwr run`` (private SuperLink, simulation engine) continues an in-process run that
     stopped after round 2, and ends where the uninterrupted run ends."""
-    from fedke.simulations.launch import processes_with_flwr_home, run_app
+    from fedke.simulations.launch import run_app
+    from fedke.simulations.processes import processes_with_flwr_home
     from fedke.simulations.multiround import run_multiround
 
     repo = Path(__file__).resolve().parents[1]

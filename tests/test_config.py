@@ -2,8 +2,8 @@
 
 A value of the wrong type, out of range, not among its key's choices, or an unknown key is refused
 with :class:`ConfigError` naming the user's key; nothing is coerced silently. ``fedke run`` checks
-the whole config before any SuperLink starts, and ``fedke run`` / ``fedke compare`` /
-``python -m fedke.simulations.launch`` read ``-c`` through one parser.
+the whole config before any SuperLink starts, and ``fedke run`` / ``fedke compare`` read ``-c``
+through one parser.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedke import cli
-from fedke.simulations import launch
+from fedke.simulations import cli, flwr_cli
 from fedke.simulations.scenario import ConfigError, Scenario, config_key
 
 APP_DIR = Path(__file__).parents[1]
@@ -144,7 +143,7 @@ def test_a_bad_secret_is_refused_without_showing_it():
 def test_read_overrides_reads_toml_values_and_bare_words(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('num-clients = 3\nstrategy = "ties"\n')
-    merged = launch.read_overrides([str(preset), "strategy=fedavg lam=300.0 forgetting=false name='a b'"])
+    merged = flwr_cli.read_overrides([str(preset), "strategy=fedavg lam=300.0 forgetting=false name='a b'"])
     assert merged == {"num-clients": 3, "strategy": "fedavg", "lam": 300.0, "forgetting": False, "name": "a b"}
 
 
@@ -155,12 +154,12 @@ def test_read_overrides_reads_toml_values_and_bare_words(tmp_path):
 ])
 def test_read_overrides_names_the_argument_it_cannot_read(argument, match):
     with pytest.raises(ValueError, match=match):
-        launch.read_overrides([argument])
+        flwr_cli.read_overrides([argument])
 
 
 def test_fedke_run_refuses_a_bad_setting_before_starting_flower(monkeypatch, capsys):
     started = []
-    monkeypatch.setattr(launch, "main", lambda argv: started.append(argv) or 0)
+    monkeypatch.setattr(cli, "run_app", lambda *args, **kwargs: started.append(args))
     assert cli.main(["run", "-c", "lam=-1", str(APP_DIR)]) == 2
     assert cli.main(["run", "-c", "forgetting='no'", str(APP_DIR)]) == 2
     assert cli.main(["run", "-c", "num-clients=2.7", str(APP_DIR)]) == 2
@@ -172,13 +171,19 @@ def test_fedke_run_refuses_a_bad_setting_before_starting_flower(monkeypatch, cap
 
 def test_fedke_run_passes_a_good_config_on_with_one_supernode_per_client(monkeypatch):
     started = []
-    monkeypatch.setattr(launch, "main", lambda argv: started.append(argv) or 0)
+
+    class Finished:
+        run_id, status_text, details, seconds = 1, "finished:completed", "", 0.0
+
+    monkeypatch.setattr(cli, "run_app", lambda app_dir, **kwargs: started.append((app_dir, kwargs)) or Finished())
     assert cli.main(["run", "-c", "num-clients=3 model='world'", str(APP_DIR)]) == 0
-    assert started == [[str(APP_DIR), "--num-supernodes", "3", "-c", "num-clients=3 model='world'"]]
+    [(app_dir, kwargs)] = started
+    assert app_dir == str(APP_DIR) and kwargs["num_supernodes"] == 3
+    assert kwargs["run_config"] == {"num-clients": 3, "model": "world"}
 
 
 def test_fedke_compare_reads_c_through_the_same_parser(monkeypatch, capsys):
-    import fedke.simulations.inprocess as inprocess
+    from fedke.simulations import inprocess
 
     monkeypatch.setattr(inprocess, "compare_methods", lambda scenario: pytest.fail("compare ran"))
     assert cli.main(["compare", "--preset", "tiny", "-c", "ties-k=1.5"]) == 2

@@ -365,7 +365,9 @@ def test_conflict_rounds_under_flwr_run_match_the_in_process_loop(tiny_bed, cach
     import pandas as pd
 
     from fedke.simulations.inprocess import run_in_process
-    from fedke.simulations.launch import load_run_config, processes_with_flwr_home, run_app
+    from fedke.simulations.flwr_cli import load_run_config
+    from fedke.simulations.launch import run_app
+    from fedke.simulations.processes import processes_with_flwr_home
     from fedke.simulations.scenario import Scenario
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 
 from fedke.simulations.deploy import LoopbackDeployment
-from fedke.simulations.launch import load_run_config, processes_with_flwr_home
+from fedke.simulations.flwr_cli import load_run_config
+from fedke.simulations.processes import processes_with_flwr_home
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESET = REPO / "simulations" / "presets" / "tiny.toml"
@@ -98,7 +99,7 @@ def test_loopback_deployment_runs_collabedit_for_two_rounds(tiny_bed, cache_dir,
 @needs_proc
 def test_deployment_stops_everything_when_the_run_fails(tmp_path, one_thread):
     """A run that Flower refuses (unknown run-config key) raises RunFailed; nothing survives."""
-    from fedke.simulations.launch import RunFailed
+    from fedke.simulations.flwr_cli import RunFailed
 
     home = (tmp_path / "flwr-home").resolve()
     try:

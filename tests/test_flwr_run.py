@@ -26,7 +26,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedke.simulations.launch import load_run_config, processes_with_flwr_home, run_app
+from fedke.simulations.flwr_cli import load_run_config
+from fedke.simulations.launch import run_app
+from fedke.simulations.processes import processes_with_flwr_home
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESET = REPO / "simulations" / "presets" / "tiny.toml"

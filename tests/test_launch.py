@@ -1,4 +1,4 @@
-"""fedke.simulations.launch: run-config formatting and status parsing (fast), and end-to-end
+"""fedke.simulations.launch / flwr_cli / processes: run-config formatting and status parsing (fast), and end-to-end
 `flwr run` launches of a tiny throw-away Flower app (slow: about 20 s each on 2 cores)."""
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from fedke.simulations import launch
-from fedke.simulations.launch import (
+from fedke.simulations import cli, flwr_cli, launch, processes
+from fedke.simulations.flwr_cli import (
     RunFailed,
     RunResult,
     format_config_args,
     format_config_value,
     parse_flwr_list_json,
     parse_run_id,
-    run_app,
     split_status,
 )
+from fedke.simulations.launch import run_app
 
 flwr_config = pytest.importorskip("flwr.common.config")
 
@@ -282,7 +282,7 @@ def _write_tiny_app(app_dir: Path) -> Path:
 
 
 def _pids_with_flwr_home(home: Path) -> set[int]:
-    return launch.processes_with_flwr_home(home)
+    return processes.processes_with_flwr_home(home)
 
 
 class _ProcessWatch:
@@ -298,12 +298,12 @@ class _ProcessWatch:
             # Ray's agents rename themselves (setproctitle), which can hide their environment:
             # take the descendants of what was found too.
             for pid in list(found):
-                found.update(launch._descendants(pid))
+                found.update(processes.descendants(pid))
             self.seen |= found
             time.sleep(0.5)
 
     def alive(self) -> list[int]:
-        return [pid for pid in sorted(self.seen) if launch._alive(pid)]
+        return [pid for pid in sorted(self.seen) if processes.is_alive(pid)]
 
     def __enter__(self):
         self._thread.start()
@@ -368,7 +368,7 @@ def test_run_app_failing_serverapp_raises_run_failed(tmp_path):
 @needs_proc
 def test_run_flower_refuses_is_run_failed_not_started(tmp_path, monkeypatch):
     """Without our key check, Flower refuses an unknown run-config key at StartRun (no Ray)."""
-    monkeypatch.setattr(launch, "_check_run_config_keys", lambda *a: None)
+    monkeypatch.setattr(launch, "check_run_config_keys", lambda *a: None)
     app = _write_tiny_app(tmp_path / "app")
     home = tmp_path / "flwr-home"
     with pytest.raises(RunFailed) as info:
@@ -384,7 +384,7 @@ def test_run_flower_refuses_is_run_failed_not_started(tmp_path, monkeypatch):
 def test_cli_unknown_run_config_key_fails_before_starting(tmp_path, capsys):
     app = _write_tiny_app(tmp_path / "app")
     home = tmp_path / "flwr-home"
-    code = launch.main(["-n", "2", "-c", "no-such-key=1", "--flwr-home", str(home), str(app)])
+    code = cli.main(["run", "-n", "2", "-c", "no-such-key=1", "--flwr-home", str(home), str(app)])
     assert code == 1
     err = capsys.readouterr().err
     assert "no-such-key" in err and "num-server-rounds" in err
@@ -394,10 +394,10 @@ def test_cli_unknown_run_config_key_fails_before_starting(tmp_path, capsys):
 def test_cli_config_parsing_merges_presets_and_overrides(tmp_path):
     preset = tmp_path / "preset.toml"
     preset.write_text('num-server-rounds = 3\nlabel = "preset"\n[sub]\nx = 1.5\n')
-    merged = launch.read_overrides([str(preset), "label='cli x' fail=true"])
+    merged = flwr_cli.read_overrides([str(preset), "label='cli x' fail=true"])
     assert merged == {"num-server-rounds": 3, "label": "cli x", "fail": True, "sub.x": 1.5}
     expected = {"num-server-rounds": 3, "label": "preset", "sub.x": 1.5}
-    assert launch.load_run_config(preset) == expected
+    assert flwr_cli.load_run_config(preset) == expected
 
 
 @pytest.mark.slow
@@ -413,7 +413,7 @@ def test_run_app_timeout_stops_everything(tmp_path):
     assert "time.sleep(600)" in client.read_text()
     home = tmp_path / "flwr-home"
     t0 = time.monotonic()
-    with _ProcessWatch(home) as watch, pytest.raises(launch.RunTimedOut):
+    with _ProcessWatch(home) as watch, pytest.raises(flwr_cli.RunTimedOut):
         run_app(app, num_supernodes=2, flwr_home=home, timeout_s=25, stream=False)
     assert time.monotonic() - t0 < 60
     assert watch.seen and watch.alive() == []

@@ -280,7 +280,9 @@ def test_flwr_run_with_real_secaggplus_equals_plain_collabedit(tiny_bed, cache_d
     import pandas as pd
 
     from fedke.simulations.inprocess import run_in_process
-    from fedke.simulations.launch import load_run_config, processes_with_flwr_home, run_app
+    from fedke.simulations.flwr_cli import load_run_config
+    from fedke.simulations.launch import run_app
+    from fedke.simulations.processes import processes_with_flwr_home
     from fedke.simulations.scenario import Scenario
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
