@@ -178,3 +178,20 @@ def test_flwr_run_layerwise_collabedit_keeps_targets_in_context_state(tiny_bed, 
     want = _metrics(reference, 1, "merge")
     for metric in ("n_accepted", "n_edits", "update_norm", "global_update_norm", "residual_norm_mean"):
         assert merge[metric] == pytest.approx(want[metric], rel=1e-6, abs=1e-9), metric
+
+
+def test_the_app_bundle_carries_the_library_and_apps_not_bench_notebooks_or_tests():
+    """``fab-include`` in pyproject.toml: ``flwr run .`` ships the library, the apps, their presets
+    and data files; the benchmarks (and their results), notebooks and tests stay out."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO))).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert {"src", "simulations", "strategies", "pyproject.toml", "README.md"} <= tops
+    assert not tops & {"bench", "notebooks", "tests", ".git", ".venv"}
+    for needed in ("simulations/server_app.py", "simulations/presets/tiny.toml", "src/fedke/data/realfacts.json",
+                   "src/fedke/editing/hparams/smollm2.json"):
+        assert needed in names
