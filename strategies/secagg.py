@@ -81,7 +81,7 @@ from fedke.secagg import (MODULUS_RANGE, SECAGG_CONFIG_KEYS, SecAggBounds, _boun
                           decode_secagg_sum, default_bounds, encode_secagg, quantization_range_for, secagg_layout,
                           split_limbs)
 
-from .base import _safe_text
+from .replies import _safe_text
 from .collabedit import CollabEdit
 
 __all__ = [
