@@ -20,6 +20,10 @@ The reusable pieces the class composes live beside it: reply checks and summarie
 :mod:`fedke.strategies.replies` (:func:`sample_clients`, :func:`decode_reply`,
 :func:`weighted_metrics_average`, :func:`residual_norm_summary`, in the style of Flower's
 ``strategy_utils``) and one round's merger and aggregation in :mod:`fedke.strategies.aggregation`.
+
+Why about 650 lines: one class carries Flower's whole legacy ``Strategy`` surface (configure /
+aggregate for fit and evaluate, evaluate, state); the pieces it composes live in
+:mod:`~fedke.strategies.replies` and :mod:`~fedke.strategies.aggregation`.
 """
 
 from __future__ import annotations

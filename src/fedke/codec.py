@@ -22,6 +22,10 @@ request) and come back as float64.
 Decoding validates everything before anything is built and raises :class:`PayloadError` naming
 the layer, the array and what was expected. No pickle anywhere: the manifest is JSON, arrays are
 plain numeric ndarrays, and object arrays are refused.
+
+Why one file of about 700 lines: it is the one gate every byte from a client passes; keeping each
+check (dtype, header, shape, finiteness, layer set, counts) in one place is what makes it
+reviewable as a whole.
 """
 
 from __future__ import annotations

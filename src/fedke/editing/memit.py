@@ -29,6 +29,10 @@ client payloads equal Global-Edit of all their requests exactly.
 
 The model is left exactly as it was: callers apply the returned payload's deltas themselves
 (:func:`fedke.editing.weights.apply_update`).
+
+Why one file of about 1,000 lines: it is one editor. Targets, keys and the solve share the
+editor's model hooks, batching (widths, fixed-shape chunks) and settings; split, each part would
+reach into the others' private state. The maths it calls lives in :mod:`fedke.merge`.
 """
 
 from __future__ import annotations
