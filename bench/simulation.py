@@ -123,11 +123,11 @@ def steady_per_round(round_ends: list[float]) -> float | None:
 
 def merge_seconds(csv_path: Path) -> list[float]:
     """The strategy's own ``aggregate_seconds`` per round (decode + merge), from results.csv."""
-    import pandas as pd
+    from fedke.simulations.results import read_results
 
     if not csv_path.is_file():
         return []
-    table = pd.read_csv(csv_path, keep_default_na=False)
+    table = read_results(csv_path)
     rows = table[(table["request_set"] == "merge") & (table["metric"] == "aggregate_seconds")]
     return [float(v) for v in rows.sort_values("round")["value"]]
 

@@ -34,6 +34,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import tomli_w
+
 from .flwr_cli import (RunFailed, RunResult, RunTimedOut, flwr_env, format_config_args, parse_run_id, query_status,
                        run_flwr, split_status, strip_ansi)
 from .processes import executable, free_port, is_healthy, stop_process_tree
@@ -61,13 +63,8 @@ def _die_with_parent() -> None:
 
 def _flower_config(port: int) -> str:
     """``$FLWR_HOME/config.toml`` naming the loopback SuperLink as the default connection."""
-    return (
-        "[superlink]\n"
-        f'default = "{CONNECTION}"\n\n'
-        f"[superlink.{CONNECTION}]\n"
-        f'address = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
-    )
+    return tomli_w.dumps({"superlink": {"default": CONNECTION,
+                                        CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}})
 
 
 class LoopbackDeployment:

@@ -115,3 +115,19 @@ class ResultsWriter:
 def display_name(method: str) -> str:
     """``collabedit`` -> ``CollabEdit``, ``global`` -> ``GlobalEdit``, ... (names in tables and plots)."""
     return METHOD_NAMES.get(method, method)
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """A results table written by :class:`ResultsWriter`: ``path`` is its ``output-dir`` (the
+    Parquet file if there is one, else the CSV) or either file.
+
+    The CSV is read with pandas' NA strings off: the metric ``NA`` (neighbourhood accuracy) is a
+    name, not a missing value, and ``pd.read_csv`` alone would turn it into NaN.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.parquet" if (path / "results.parquet").is_file() else path / "results.csv"
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"method": str, "request_set": str,
+                                                                          "metric": str})

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 from flwr.client import ClientApp
 from flwr.server import ServerApp
 
@@ -175,20 +176,15 @@ def write_app(directory: str | Path, **config: Any) -> Path:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    values = {**DEFAULTS, **config}
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, str):
-            lines.append(f'{key} = "{value}"')
-        else:
-            lines.append(f"{key} = {value!r}")
-    (directory / "pyproject.toml").write_text(
-        "[build-system]\nrequires = [\"setuptools\"]\nbuild-backend = \"setuptools.build_meta\"\n\n"
-        "[project]\nname = \"fedke-synthetic\"\nversion = \"0.1.0\"\ndependencies = []\n\n"
-        "[tool.flwr.app]\npublisher = \"fedke\"\n\n"
-        "[tool.flwr.app.components]\nserverapp = \"fedke.simulations.synthetic:server_app\"\n"
-        "clientapp = \"fedke.simulations.synthetic:client_app\"\n\n"
-        "[tool.flwr.app.config]\n" + "\n".join(lines) + "\n")
+    pyproject = {
+        "build-system": {"requires": ["setuptools"], "build-backend": "setuptools.build_meta"},
+        "project": {"name": "fedke-synthetic", "version": "0.1.0", "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedke",
+            "components": {"serverapp": "fedke.simulations.synthetic:server_app",
+                           "clientapp": "fedke.simulations.synthetic:client_app"},
+            "config": {**DEFAULTS, **config},
+        }}},
+    }
+    (directory / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
     return directory

@@ -34,6 +34,7 @@ from fedke.simulations.checkpoint import (
     save_checkpoint,
 )
 from fedke.simulations.scenario import Scenario
+from fedke.simulations.results import read_results
 
 ROUNDS = 6
 
@@ -137,7 +138,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(scenario, uninterrupted
     assert [m["server_round"] for m in final.strategy_state["meta"]["round_metrics"]] == list(range(1, ROUNDS + 1))
     assert len(list(ckpt.glob("state-*.safetensors"))) == 1
     # the results files of the resumed run hold the whole run, the crashed rounds included
-    table = pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False)
+    table = read_results(tmp_path / "out" / "results.csv")
     assert set(table["round"]) == set(range(1, ROUNDS + 1))
     _assert_same_run(table.to_dict("records"), final.strategy_state, uninterrupted)
 
@@ -504,7 +505,7 @@ def test_flwr_run_resumes_a_crashed_run(scenario, uninterrupted, tmp_path):
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=0, atol=1e-6, equal_nan=True)
     for name, update in uninterrupted.strategy.global_update.items():
         np.testing.assert_allclose(final.strategy_state["arrays"][f"global_update/{name}"], update, rtol=0, atol=1e-9)
-    table = pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False)
+    table = read_results(tmp_path / "out" / "results.csv")
     assert set(table["round"]) == set(range(1, ROUNDS + 1))
 
 

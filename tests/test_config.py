@@ -190,3 +190,18 @@ def test_fedke_compare_reads_c_through_the_same_parser(monkeypatch, capsys):
     assert cli.main(["compare", "--preset", "tiny", "-c", "lam"]) == 2
     err = capsys.readouterr().err
     assert "ties-k must be at most 1" in err and "expected key=value" in err
+
+
+def test_read_results_keeps_the_metric_na_a_name_in_csv_and_parquet(tmp_path):
+    """``NA`` (neighbourhood accuracy) is a metric name; plain ``pd.read_csv`` reads it as NaN."""
+    import pandas as pd
+
+    from fedke.simulations.results import ResultsWriter, read_results
+
+    writer = ResultsWriter(tmp_path)
+    writer.record(1, {"NS": 80.0, "NA": 40.0}, method="collabedit")
+    writer.write()
+    assert pd.read_csv(tmp_path / "results.csv")["metric"].isna().any()  # the trap read_results avoids
+    for path in (tmp_path, tmp_path / "results.csv", tmp_path / "results.parquet"):
+        table = read_results(path)
+        assert dict(zip(table["metric"], table["value"])) == {"NS": 80.0, "NA": 40.0}

@@ -33,6 +33,7 @@ from fedke.conflict import (
     world_augmentation,
 )
 from fedke.data.records import EditCase, EditRequest
+from fedke.simulations.results import read_results
 
 SECRET = b"federation-secret-0123456789"
 OTHER = b"another-secret-abcdefghijklmn"
@@ -362,8 +363,6 @@ def test_conflict_rounds_under_flwr_run_match_the_in_process_loop(tiny_bed, cach
     decisions in each client's own fit config (Ray actors rebuild the clients every round)."""
     from pathlib import Path
 
-    import pandas as pd
-
     from fedke.simulations.inprocess import run_in_process
     from fedke.simulations.flwr_cli import load_run_config
     from fedke.simulations.launch import run_app
@@ -381,7 +380,7 @@ def test_conflict_rounds_under_flwr_run_match_the_in_process_loop(tiny_bed, cach
     finally:
         assert not processes_with_flwr_home(home)
     assert result.ok and result.status_text == "finished:completed", result.log_tail()
-    table = pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False)
+    table = read_results(tmp_path / "out" / "results.csv")
     merge = table[table.request_set == "merge"]
     keys = ("n_edits", "conflict_claims", "conflict_collisions", "conflict_cross_client")
     flower = {(int(r["round"]), r["metric"]): r["value"] for _, r in merge.iterrows() if r["metric"] in keys}

@@ -21,6 +21,7 @@ import pytest
 from fedke.simulations.deploy import LoopbackDeployment
 from fedke.simulations.flwr_cli import load_run_config
 from fedke.simulations.processes import processes_with_flwr_home
+from fedke.simulations.results import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESET = REPO / "simulations" / "presets" / "tiny.toml"
@@ -75,7 +76,7 @@ def test_loopback_deployment_runs_collabedit_for_two_rounds(tiny_bed, cache_dir,
             os.kill(pid, 0)
 
     assert result.ok and result.status_text == "finished:completed", result.log_tail()
-    table = pd.read_csv(out / "results.csv", keep_default_na=False, dtype={"metric": str, "method": str})
+    table = read_results(out / "results.csv")
     summary = json.loads((out / "results.json").read_text())["summary"]["collabedit"]
     for server_round in (1, 2):
         merge = _metrics(table, server_round, "merge")

@@ -29,6 +29,7 @@ import pytest
 from fedke.simulations.flwr_cli import load_run_config
 from fedke.simulations.launch import run_app
 from fedke.simulations.processes import processes_with_flwr_home
+from fedke.simulations.results import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESET = REPO / "simulations" / "presets" / "tiny.toml"
@@ -77,7 +78,7 @@ def _flower_run(tmp_path: Path, name: str, run_config: dict, num_supernodes: int
 
 def _read_results_csv(path: Path) -> pd.DataFrame:
     # The metric "NA" (neighbourhood accuracy) must stay a string: pandas reads it as NaN by default.
-    return pd.read_csv(path, keep_default_na=False, dtype={"metric": str, "method": str})
+    return read_results(path)
 
 
 def _metrics(table: pd.DataFrame, server_round: int, request_set: str = "all") -> dict[str, float]:
