@@ -37,11 +37,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .checkpoint import resume_point, restore, save_checkpoint
+from .checkpoint import save_checkpoint
 from .client_app import make_client
 from .inprocess import LocalProxy, run_edit_round
 from .oracle import OLD_SET, evaluate_round
 from .results import ResultsWriter
+from .resume import restore, resume_point
 from .scenario import Scenario
 from .wiring import build_strategy
 
@@ -98,7 +99,7 @@ def run_multiround(scenario: Scenario, *, output_dir: str | None = None, write: 
     read RSS there). ``stop_after`` ends the call after that round, as a crash would (the
     checkpoint, if any, is complete; the results files are not written).
     With ``checkpoint-dir`` the state is saved after every round; with ``resume = true`` the run
-    continues from the last complete round (see :func:`fedke.simulations.checkpoint.resume_point`
+    continues from the last complete round (see :func:`fedke.simulations.resume.resume_point`
     for what is refused).
     """
     writer = ResultsWriter(output_dir or scenario.output_dir, config=scenario.to_run_config(),

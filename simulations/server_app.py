@@ -33,7 +33,7 @@ def server_fn(context: Context) -> ServerAppComponents:
     steps = strategy.steps_per_round  # Flower server rounds per edit round (layer-wise: one per layer)
     num_rounds = scenario.num_rounds
     if scenario.checkpoint_dir:  # save after every edit round; resume = true continues the last complete one
-        from .checkpoint import ResumableStrategy, restore, resume_point
+        from .resume import ResumableStrategy, restore, resume_point
 
         checkpoint = resume_point(scenario)
         done = restore(checkpoint, strategy, writer) - 1 if checkpoint is not None else 0

@@ -27,7 +27,7 @@ failure of that node. With no round timeout the loop waits, as the legacy one do
 Everything else stays the legacy ``Server.fit``: initial parameters, the server-side (oracle)
 evaluation, federated evaluation through ``evaluate_round`` (the clients' small metrics dicts are
 collected as before), the History, and the checkpoint hooks of
-:class:`fedke.simulations.checkpoint.ResumableStrategy` (which forwards ``begin_round``). The
+:class:`fedke.simulations.resume.ResumableStrategy` (which forwards ``begin_round``). The
 merge is ``aggregate_fit`` fed the replies in arrival order (the legacy loop's order is that of a
 set of futures): with CollabEdit's float64 running sums, identical up to float64 rounding and
 bit-identical for the same order (tests/test_streaming.py).

@@ -29,10 +29,10 @@ from fedke.simulations.checkpoint import (
     capture_rng,
     load_checkpoint,
     restore_rng,
-    resume_point,
     run_fingerprint,
     save_checkpoint,
 )
+from fedke.simulations.resume import resume_point
 from fedke.simulations.scenario import Scenario
 from fedke.simulations.results import read_results
 
@@ -414,6 +414,7 @@ def test_the_flower_loop_saves_once_per_round_after_its_last_step(tmp_path, monk
     from flwr.server.client_manager import SimpleClientManager
 
     import fedke.simulations.checkpoint as ckpt
+    import fedke.simulations.resume as resume
     from fedke.simulations.results import ResultsWriter
 
     saves = []
@@ -423,7 +424,7 @@ def test_the_flower_loop_saves_once_per_round_after_its_last_step(tmp_path, monk
         saves.append((server_round, sorted({row["request_set"] for row in rows if row["round"] == server_round})))
         return real_save(directory, scenario, strategy, server_round, rows, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", counting_save)
+    monkeypatch.setattr(resume, "save_checkpoint", counting_save)
     scenario = replace(Scenario(model="world"), num_rounds=5, checkpoint_dir=str(tmp_path / "ckpt"))
     expected_sets = ["federated", "merge", "old"] if federated else ["merge", "old"]
 
@@ -431,11 +432,11 @@ def test_the_flower_loop_saves_once_per_round_after_its_last_step(tmp_path, monk
         writer = ResultsWriter(tmp_path / "out", method="fake")
         inner = FakeFlowerStrategy(writer, federated)
         if done:
-            ckpt.restore(ckpt.resume_point(run), inner, writer)
+            resume.restore(resume.resume_point(run), inner, writer)
         manager = SimpleClientManager()
         for cid in ("0", "1"):
             manager.register(_fake_proxy(cid))
-        server = Server(client_manager=manager, strategy=ckpt.ResumableStrategy(inner, run, writer, rounds_done=done))
+        server = Server(client_manager=manager, strategy=resume.ResumableStrategy(inner, run, writer, rounds_done=done))
         server.fit(num_rounds=rounds, timeout=None)
         return writer
 

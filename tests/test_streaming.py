@@ -317,7 +317,7 @@ def test_a_failed_push_is_a_failure_of_that_node():
 
 
 def test_a_resumed_run_streams_with_shifted_round_numbers():
-    from fedke.simulations.checkpoint import ResumableStrategy
+    from fedke.simulations.resume import ResumableStrategy
 
     inner = collab(n=2)
     wrapped = ResumableStrategy(inner, scenario=None, writer=None, rounds_done=3)
