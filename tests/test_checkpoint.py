@@ -92,6 +92,7 @@ def _driver(tmp_path: Path, scenario: Scenario, cache_dir) -> tuple[list[str], d
     return [sys.executable, str(script), json.dumps(asdict(scenario))], env
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(scenario, uninterrupted, cache_dir, tmp_path):
     kill_after = 2
     ckpt = tmp_path / "ckpt"

@@ -289,6 +289,7 @@ def test_scenario_injects_conflicting_pairs(tiny_bed, cache_dir):
 # ----------------------------------------------------------------------------- one conflict round end to end
 
 
+@pytest.mark.slow
 def test_conflict_round_end_to_end(tiny_bed, cache_dir, tmp_path):
     """Round 1: two clients send conflicting requests; the server sees colliding tokens only.
     Round 2: the loser withdraws, the winner re-edits with augmentation; the winner's object wins."""

@@ -103,6 +103,7 @@ def test_the_server_merges_with_the_protected_regulariser(cache_dir, tiny_bed):
         np.testing.assert_allclose(a0, plain[name] + 0.2 * grams[name], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_knowledge_sweep_benchmark(cache_dir, tiny_bed, tmp_path, load_bench):
     import json
 

@@ -216,6 +216,7 @@ def _run_apps(scenario, tmp_path, name):
     return strategy, table, contexts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streaming", [False, True])
 def test_server_app_and_client_app_run_layerwise_end_to_end(sequential, in_process, tmp_path, streaming, monkeypatch):
     from fedke.editing.memit import MemitEditor
@@ -335,6 +336,7 @@ def test_multiround_dynamic_covariance_with_a_resume_equals_layerwise_global_edi
 # ----------------------------------------------------------------------------- MEMIT passes
 
 
+@pytest.mark.slow
 def test_passes_walk_the_layers_again_and_equal_sequential_global_edit_with_passes(sequential, tiny_bed):
     """passes = 2: an edit round is 2 x L steps; with dynamic covariance over two edit rounds the
     strategy path equals the driver and sequential Global-Edit with two passes and the same A_t."""

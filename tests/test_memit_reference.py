@@ -47,11 +47,12 @@ def test_requests_that_finish_early_leave_the_batch_without_changing_anyone_else
     assert batched.steps == single.steps  # every request stops at the same pass
 
 
-def test_the_upper_replay_equals_the_whole_model(tiny_bed):
+def test_the_suffix_and_upper_replays_equal_the_whole_model(tiny_bed):
     requests = _requests(tiny_bed, 5)
-    upper = tiny_bed.editor(target_forward="upper").compute_targets(requests)
     whole = tiny_bed.editor(target_forward="full").compute_targets(requests)
-    assert _rel(upper.z - upper.h_init, whole.z - whole.h_init) < 1e-4
+    for mode in ("suffix", "upper"):
+        replay = tiny_bed.editor(target_forward=mode).compute_targets(requests)
+        assert _rel(replay.z - replay.h_init, whole.z - whole.h_init) < 1e-4
 
 
 def test_target_batches_do_not_change_the_targets(tiny_bed):
@@ -129,14 +130,15 @@ def test_the_upper_replay_runs_and_matches_the_whole_model_on_every_family(tiny_
     covariances = {name: np.eye(d_in)}
     requests = _requests(tiny_bed, 4)
     targets = {}
-    for mode in ("upper", "full"):
+    for mode in ("suffix", "upper", "full"):
         config = replace(tiny_bed.memit_config, layers=(0,), fact_token="subject_last", v_num_grad_steps=6,
                          target_forward=mode)
         with caplog.at_level("WARNING", logger="fedke.editing.memit"):
             targets[mode] = MemitEditor(model, tiny_bed.tokenizer, covariances, config, preset).compute_targets(requests)
-    assert "runs the whole model" not in caplog.text  # the replay was used, not the fallback
-    upper, full = targets["upper"], targets["full"]
-    assert _rel(upper.z - upper.h_init, full.z - full.h_init) < 1e-4
+    assert "cannot use" not in caplog.text and "runs the whole model" not in caplog.text  # no fallback
+    full = targets["full"]
+    for replay in (targets["suffix"], targets["upper"]):
+        assert _rel(replay.z - replay.h_init, full.z - full.h_init) < 1e-4
 
 
 def test_keys_and_targets_do_not_depend_on_batch_mates_of_other_lengths(tiny_bed):
@@ -159,7 +161,7 @@ def test_keys_and_targets_do_not_depend_on_batch_mates_of_other_lengths(tiny_bed
 
 
 def test_fixed_shape_chunks_cover_every_row_once_at_one_shape_per_width():
-    from fedke.editing.memit import _width_groups
+    from fedke.editing.target_forward import _width_groups
 
     lengths = torch.tensor([3, 9, 9, 17, 4, 12, 16, 9] * 7)
     mask = (torch.arange(24)[None, :] < lengths[:, None]).long()

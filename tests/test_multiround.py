@@ -210,6 +210,7 @@ def test_forgetting_benchmark_settings_reach_the_scenario(load_bench):
         load_bench("forgetting_positions").main(["--quick", "--rounds", "1"])
 
 
+@pytest.mark.slow
 def test_forgetting_benchmark_writes_exactly_the_issue_keys(cache_dir, tiny_bed, tmp_path, capsys, load_bench):
     import json
 

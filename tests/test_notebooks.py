@@ -101,6 +101,7 @@ def _cache_entries(cache_dir: Path) -> list[str]:
                   for p in cache_dir.glob(pattern))
 
 
+@pytest.mark.slow
 def test_client_sweep_notebook_runs_on_the_tiny_world(cache_dir, tiny_bed, tmp_path):
     out = tmp_path / "client-sweep"
     # N = 200 cannot run in either sweep (more clients than TOTAL_EDITS; 400 edits > 360 facts):
@@ -172,6 +173,7 @@ def test_plot_forgetting_draws_one_line_per_method_and_covariance():
         plot_forgetting(table, metrics=["NS"])
 
 
+@pytest.mark.slow
 def test_forgetting_notebook_runs_on_the_tiny_world(cache_dir, tiny_bed, tmp_path):
     out = tmp_path / "forgetting"
     overrides = "\n".join([
@@ -227,6 +229,7 @@ def test_plot_overlap_and_conflict_draw_what_the_benchmarks_write():
         plot_conflict({"winners": conflict["winners"]})
 
 
+@pytest.mark.slow
 def test_overlap_conflict_notebook_runs_on_the_tiny_world(cache_dir, tiny_bed, tmp_path):
     import json
 

@@ -252,6 +252,7 @@ def _mixed_answers():
     return answers, expected_rejections, failures
 
 
+@pytest.mark.slow
 def test_bad_replies_and_failures_are_handled_as_the_legacy_loop_does(caplog):
     answers, expected_rejections, n_failures = _mixed_answers()
     outcomes = {}
@@ -337,6 +338,7 @@ def test_streaming_needs_a_strategy_with_begin_round():
 # ----------------------------------------------------------------------------- memory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_clients", [2, 6])
 def test_at_most_one_reply_is_alive_at_a_time(n_clients):
     """Streaming: one pulled reply, one FitRes and one decoded payload alive at a time, whatever N.
@@ -400,6 +402,7 @@ def _run_server_app(scenario, tmp_path, name):
     return strategies[0], table, grid, contexts
 
 
+@pytest.mark.slow
 def test_server_app_streaming_equals_legacy_on_the_tiny_preset(tiny_bed, cache_dir, tmp_path):
     from fedke.simulations.scenario import Scenario
 

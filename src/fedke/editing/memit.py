@@ -30,9 +30,9 @@ client payloads equal Global-Edit of all their requests exactly.
 The model is left exactly as it was: callers apply the returned payload's deltas themselves
 (:func:`fedke.editing.weights.apply_update`).
 
-Why one file of about 1,000 lines: it is one editor. Targets, keys and the solve share the
-editor's model hooks, batching (widths, fixed-shape chunks) and settings; split, each part would
-reach into the others' private state. The maths it calls lives in :mod:`fedke.merge`.
+Why one file of about 850 lines: it is one editor. Targets, keys and the solve share the editor's
+model hooks, batching and settings; the forward passes of target optimisation live in
+:mod:`fedke.editing.target_forward` and the maths in :mod:`fedke.merge`.
 """
 
 from __future__ import annotations
@@ -40,13 +40,15 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Literal, Mapping, Protocol, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from fedke.data.records import EditRequest, RecordError
-from fedke.editing.presets import LayerPreset, get_module, num_layers, preset_for
+from fedke.editing.presets import LayerPreset, get_module, preset_for
+from fedke.editing.target_forward import (CHUNK_TOKENS, _ByWidth, _ReplayMismatch, _Rows, _TargetForward,
+                                         _SuffixStack, _UpperStack, _WholeModel, _width_groups)
 from fedke.editing.weights import apply_update, layer_shape, revert_update
 from fedke.merge import SingularSystemError
 from fedke.payload import EditPayload, LayerPayload
@@ -58,7 +60,7 @@ FactToken = Literal["last", "subject_last"]
 EarlyStop = Literal["loss", "nll"]
 KlDirection = Literal["edited||initial", "initial||edited"]
 KeyWeighting = Literal["grouped", "uniform"]
-TargetForward = Literal["upper", "full"]
+TargetForward = Literal["suffix", "upper", "full"]
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,15 @@ class MemitConfig:
     key_weighting: ``"grouped"`` (the reference: keys averaged within the groups ``["{}"]`` and
         the prefixes, then across the groups, so the plain prompt weighs 1/2 and each of n
         prefixes 1/(2n)) or ``"uniform"`` (every context 1/(n+1)).
-    target_forward: ``"upper"`` (each optimisation step runs only the blocks above the last edited
-        layer, from its output computed once, and the LM head only where the loss reads it;
-        checked against the whole model on the first batch) or ``"full"`` (the whole model every
-        step). The two give the same targets up to float rounding.
+    target_forward: ``"suffix"`` (the default: each optimisation step runs only the blocks above the
+        last edited layer, from its output computed once, only on the positions from the batch's
+        first fact token on, attending to the earlier positions' keys and values recorded once,
+        and the LM head only where the loss reads it), ``"upper"`` (the same on every position)
+        or ``"full"`` (the whole model every step). Each replay is checked against the whole
+        model on the first batch and falls back to the next with a warning where it does not
+        hold; all give the same targets up to float rounding. Under ``batch_invariant``,
+        ``"suffix"`` runs as ``"upper"`` (its products' shapes depend on the batch mates' fact
+        tokens).
     target_batch: requests whose targets are optimised together (memory; targets do not depend
         on it: each request's loss is its own).
     batch_invariant: run every forward of keys and targets in chunks of one fixed shape
@@ -125,7 +132,7 @@ class MemitConfig:
     early_stop: EarlyStop = "loss"
     kl_direction: KlDirection = "edited||initial"
     key_weighting: KeyWeighting = "grouped"
-    target_forward: TargetForward = "upper"
+    target_forward: TargetForward = "suffix"
     target_batch: int = 64
     batch_invariant: bool = False
     residual_split: Literal["remaining", "even"] = "remaining"
@@ -152,7 +159,7 @@ class MemitConfig:
         if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
             raise ValueError(f"passes must be a positive integer, got {self.passes!r}")
         for name, allowed in (("early_stop", ("loss", "nll")), ("kl_direction", ("edited||initial", "initial||edited")),
-                              ("key_weighting", ("grouped", "uniform")), ("target_forward", ("upper", "full"))):
+                              ("key_weighting", ("grouped", "uniform")), ("target_forward", ("suffix", "upper", "full"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if isinstance(self.target_batch, bool) or not isinstance(self.target_batch, int) or self.target_batch < 1:
@@ -210,18 +217,6 @@ class _Encoded:
 
 
 @dataclass
-class _Rows:
-    """Token rows of a forward pass, each row's fact token, and the (row, position) pairs whose
-    logits the loss reads."""
-
-    input_ids: torch.Tensor  # (R, W)
-    attention_mask: torch.Tensor
-    lookups: torch.Tensor  # (R,)
-    loss_rows: torch.Tensor  # (P,)
-    loss_positions: torch.Tensor
-
-
-@dataclass
 class _TargetBatch:
     """The rows of one target-optimisation batch: each request's context prompts (+ target tokens),
     then one KL prompt per request; the loss reads first every target token's position, then each
@@ -244,206 +239,6 @@ class _TargetBatch:
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once what it reads has been computed."""
-
-
-class _ReplayMismatch(RuntimeError):
-    """The replayed upper blocks do not reproduce the model's logits (an architecture whose forward
-    does more than blocks, final norm and LM head)."""
-
-
-class _TargetForward(Protocol):
-    """Logits ``(P, V)`` at the loss positions with ``delta_rows`` (R, d) added at each row's fact
-    token of the last edited block's output. ``h_lookup`` (R, d) is that output without delta and
-    ``initial_logits`` (P, V) the logits without delta."""
-
-    h_lookup: torch.Tensor
-    initial_logits: torch.Tensor
-
-    def __call__(self, delta_rows: torch.Tensor | None) -> torch.Tensor: ...
-
-
-class _WholeModel:
-    """The whole model every step, delta added by a forward hook on the last edited block."""
-
-    def __init__(self, model: torch.nn.Module, preset: LayerPreset, rows: _Rows) -> None:
-        self.model, self.rows = model, rows
-        self.block = get_module(model, preset.block_name(preset.layers[-1]))
-        self.index = torch.arange(rows.input_ids.shape[0], device=rows.input_ids.device)
-        with torch.no_grad():
-            self.initial_logits = self(None)
-
-    def __call__(self, delta_rows: torch.Tensor | None) -> torch.Tensor:
-        rows, at = self.rows, (self.index, self.rows.lookups)
-
-        def add_delta(_module, _inputs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            if delta_rows is None:
-                self.h_lookup = hidden[at].detach().clone()
-                return output
-            hidden = hidden.index_put(at, hidden[at] + delta_rows.to(hidden.dtype))
-            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
-
-        handle = self.block.register_forward_hook(add_delta)
-        try:
-            logits = self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False).logits
-        finally:
-            handle.remove()
-        return logits[rows.loss_rows, rows.loss_positions]
-
-
-class _UpperStack:
-    """Only what the loss depends on: the blocks above the last edited layer, replayed each step from
-    that layer's output (computed once: the layers below never see delta), with the final norm and
-    the LM head at the loss positions only.
-
-    One forward pass of the whole model (without a key-value cache, which a replay would extend)
-    records the last edited block's output and the arguments every upper block is called with
-    (attention masks, position embeddings...); a step calls the upper blocks with those arguments
-    and the new hidden state. The replay is checked against the
-    model: its logits without delta must equal the model's own (:class:`_ReplayMismatch` otherwise).
-    """
-
-    def __init__(self, model: torch.nn.Module, preset: LayerPreset, rows: _Rows, check: bool = True,
-                 fixed_shapes: bool = False) -> None:
-        self.rows, self.fixed_shapes = rows, fixed_shapes
-        last = preset.layers[-1]
-        self.blocks = [get_module(model, preset.block_name(i)) for i in range(last + 1, num_layers(model))]
-        self.final_norm = get_module(model, preset.final_norm)
-        self.lm_head = get_module(model, preset.lm_head)
-        self.at = (torch.arange(rows.input_ids.shape[0], device=rows.input_ids.device), rows.lookups)
-        self.calls: list[tuple[tuple, dict]] = [((), {})] * len(self.blocks)
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab_output(_module, _inputs, output):
-            captured["h"] = (output[0] if isinstance(output, tuple) else output).detach()
-
-        def grab_call(index: int):
-            def hook(_module, args, kwargs):
-                self.calls[index] = (tuple(args), dict(kwargs))
-            return hook
-
-        handles = [get_module(model, preset.block_name(last)).register_forward_hook(grab_output)]
-        handles += [block.register_forward_pre_hook(grab_call(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
-        try:
-            with torch.no_grad():
-                base = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        with torch.no_grad():
-            self.initial_logits = _lm_head_rows(self.lm_head, base.last_hidden_state[rows.loss_rows, rows.loss_positions],
-                                                fixed_shapes)
-        self.h_last = captured["h"]
-        self.h_lookup = self.h_last[self.at].clone()
-        if check:
-            self._check_replay(model)
-
-    def _check_replay(self, model: torch.nn.Module) -> None:
-        """The logits without delta equal the model's own (one row) and the replay's."""
-        rows = self.rows
-        with torch.no_grad():
-            first = int(rows.loss_rows[0])
-            own = model(input_ids=rows.input_ids[first:first + 1], attention_mask=rows.attention_mask[first:first + 1],
-                        use_cache=False).logits[0]
-        on_first = rows.loss_rows == first
-        _check_close("the model's own logits", self.initial_logits[on_first], own[rows.loss_positions[on_first]])
-        with torch.no_grad():
-            _check_close("the replayed upper blocks' logits", self(None), self.initial_logits)
-
-    def __call__(self, delta_rows: torch.Tensor | None) -> torch.Tensor:
-        hidden = self.h_last
-        if delta_rows is not None:
-            hidden = hidden.index_put(self.at, hidden[self.at] + delta_rows.to(hidden.dtype))
-        for block, (args, kwargs) in zip(self.blocks, self.calls):
-            if "hidden_states" in kwargs:
-                output = block(*args, **{**kwargs, "hidden_states": hidden})
-            else:
-                output = block(hidden, *args[1:], **kwargs)
-            hidden = output[0] if isinstance(output, tuple) else output
-        return _lm_head_rows(self.lm_head, self.final_norm(hidden[self.rows.loss_rows, self.rows.loss_positions]),
-                             self.fixed_shapes)
-
-
-class _ByWidth:
-    """A forward per group (or fixed-shape chunk) of rows of the same width, its length rounded up
-    to ``WIDTH_STEP`` tokens (:func:`_width_groups`): no row pays for a longer batch mate's
-    padding."""
-
-    def __init__(self, make: Callable[[_Rows, bool], _TargetForward], rows: _Rows, chunk_tokens: int) -> None:
-        """``make(rows, first)`` builds one chunk's forward; ``first`` is True for the first chunk
-        only (architecture checks need not run per chunk). ``chunk_tokens``: see :func:`_width_groups`."""
-        self.parts: list[tuple[torch.Tensor, int, _TargetForward]] = []
-        order = []
-        for members, width, padded in _width_groups(rows.attention_mask, chunk_tokens):
-            fillers = len(padded) - len(members)
-            local = torch.full((rows.input_ids.shape[0],), -1, dtype=torch.long, device=members.device)
-            local[members] = torch.arange(len(members), device=members.device)
-            reads = (local[rows.loss_rows] >= 0).nonzero().flatten()
-            sub = _Rows(rows.input_ids[padded, :width], rows.attention_mask[padded, :width], rows.lookups[padded],
-                        local[rows.loss_rows[reads]], rows.loss_positions[reads])
-            self.parts.append((members, fillers, make(sub, not self.parts)))
-            order.append(reads)
-        self.inverse = torch.argsort(torch.cat(order))  # concatenated part outputs -> loss order
-        first = self.parts[0][2].h_lookup
-        self.h_lookup = torch.empty(rows.input_ids.shape[0], *first.shape[1:], dtype=first.dtype, device=first.device)
-        for members, _, forward in self.parts:
-            self.h_lookup[members] = forward.h_lookup[: len(members)]
-        self.initial_logits = torch.cat([forward.initial_logits for _, _, forward in self.parts])[self.inverse]
-
-    def __call__(self, delta_rows: torch.Tensor | None) -> torch.Tensor:
-        outputs = []
-        for members, fillers, forward in self.parts:
-            if delta_rows is None:
-                outputs.append(forward(None))
-            else:
-                mine = delta_rows[members]
-                outputs.append(forward(torch.cat([mine, mine.new_zeros(fillers, mine.shape[1])]) if fillers else mine))
-        return torch.cat(outputs)[self.inverse]
-
-
-def _width_groups(attention_mask: torch.Tensor, chunk_tokens: int = 0) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-    """Rows grouped by their length rounded up to WIDTH_STEP: ``(members, width, padded)``, where
-    ``padded`` is ``members`` plus fillers (copies of its first row, read by nothing).
-
-    ``chunk_tokens == 0``: one group per width, at least MIN_GEMM_ROWS tokens (BLAS rounds
-    products of very few rows differently): no row pays for a longer batch mate's padding, and
-    on GPT-2 a row's arithmetic depends on its own length only.
-
-    ``chunk_tokens > 0``: every chunk of width ``w`` is exactly ``ceil(chunk_tokens / w)`` rows.
-    Matrix products then have the same shapes whichever requests share a batch, and BLAS rounds
-    a row the same way only when the product's shape is the same (MKL switches kernels on the
-    row count: a row of ``x @ W`` with W 1536 x 576 differs in the last bit between 56 and 64
-    rows). So a request's keys and targets are bit-for-bit the same edited alone, with others,
-    or in another client's batch.
-    """
-    widths = -(-attention_mask.sum(1) // WIDTH_STEP) * WIDTH_STEP
-    groups = []
-    for width in sorted(set(widths.tolist())):
-        members = (widths == width).nonzero().flatten()
-        tall = -(-chunk_tokens // width) if chunk_tokens else max(len(members), -(-MIN_GEMM_ROWS // width))
-        for start in range(0, len(members), tall):
-            part = members[start:start + tall]
-            groups.append((part, int(width), torch.cat([part, part[:1].repeat(tall - len(part))])))
-    return groups
-
-
-def _lm_head_rows(lm_head: torch.nn.Module, hidden: torch.Tensor, fixed: bool) -> torch.Tensor:
-    """``lm_head(hidden)`` for rows ``(P, d)``, in one product at least MIN_GEMM_ROWS rows tall, or
-    (``fixed``) in products of exactly MIN_GEMM_ROWS rows, the last one padded, so that a row's
-    logits do not depend on how many rows share it (see :func:`_width_groups`)."""
-    n = hidden.shape[0]
-    tall = MIN_GEMM_ROWS if fixed else max(n, MIN_GEMM_ROWS)
-    short = -n % tall
-    if short:
-        hidden = torch.cat([hidden, hidden[:1].expand(short, -1)])
-    return torch.cat([lm_head(piece) for piece in hidden.split(tall)])[:n]
-
-
-def _check_close(what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), rtol=1e-4, atol=1e-4 * scale):
-        raise _ReplayMismatch(f"{what} differ from the whole model's (max |difference| "
-                              f"{float((got.float() - expected.float()).abs().max()) if got.shape == expected.shape else 'n/a'})")
 
 
 class MemitEditor:
@@ -794,7 +589,16 @@ class MemitEditor:
         return CHUNK_TOKENS if self.config.batch_invariant else 0
 
     def _target_forward(self, batch: "_TargetBatch") -> "_TargetForward":
-        if self.config.target_forward == "upper":
+        mode = self.config.target_forward
+        if mode == "suffix" and self.config.batch_invariant:
+            mode = "upper"
+        if mode == "suffix":
+            try:
+                return _SuffixStack(self.model, self.preset, batch.rows)
+            except _ReplayMismatch as err:
+                log.warning("target optimisation cannot use the suffix replay: %s", err)
+                mode = "upper"
+        if mode == "upper":
             try:
                 return _ByWidth(lambda part, first: _UpperStack(self.model, self.preset, part, check=first,
                                                                 fixed_shapes=self.config.batch_invariant),
@@ -1001,13 +805,6 @@ def _sum_passes(passes: Sequence[Mapping[str, LayerPayload]], regularisers: Mapp
 
 
 PAD_MULTIPLE = 32
-#: Target optimisation groups rows by their length rounded up to this many tokens (:class:`_ByWidth`).
-WIDTH_STEP = 8
-#: The fewest rows a matrix product of target optimisation has (:func:`_width_groups`, :func:`_lm_head_rows`).
-MIN_GEMM_ROWS = 32
-#: Tokens in one chunk of rows of one width under ``batch_invariant`` (:func:`_width_groups`):
-#: measured on SmolLM2 (2 cores), 128 and 512 cost more target time at 2 and 40 requests.
-CHUNK_TOKENS = 256
 
 
 def _bucket(length: int) -> int:
