@@ -23,6 +23,9 @@ Every key of the run config has a field here (hyphens become underscores)::
     model-width = 128
     model-epochs = 40            # the world model's most training epochs (it stops at 98% train accuracy);
                                  # wider models need more (a 4 x 256 model took 47 on the 400-subject world)
+    editor = "memit"             # memit | alphaedit: keys projected onto C0's near-null space, A0 = alpha I
+    nullspace-threshold = 0.1    # AlphaEdit's null space: C0's eigenvalues below this x their mean
+    alphaedit-l2 = 0.1           # AlphaEdit's alpha, x C0's mean eigenvalue
     editor-mode = "decoupled"    # decoupled | sequential
     layerwise = "auto"           # auto | true | false: layer-wise CollabEdit (one edited layer per server round)
     fact-token = "auto"          # auto (the settings file's: subject_last for real models, last for the world) | last | subject_last
@@ -225,6 +228,9 @@ class Scenario:
     model_layers: int = setting(4, at_least=1)
     model_width: int = setting(128, at_least=1)
     model_epochs: int = setting(40, at_least=1)
+    editor: str = setting("memit", choices=("memit", "alphaedit"))
+    nullspace_threshold: float = setting(0.1, above=0.0)
+    alphaedit_l2: float = setting(0.1, above=0.0)
     editor_mode: str = setting("decoupled", choices=("decoupled", "sequential"))
     layerwise: str = setting("auto", choices=("auto", "true", "false"), any_case=True)
     fact_token: str = setting("auto", choices=("auto", "last", "subject_last"))
@@ -269,6 +275,7 @@ class Scenario:
             raise ConfigError(f"model-width must be divisible by its head count max(1, width // 32) = "
                               f"{max(1, self.model_width // 32)}, got {self.model_width} (e.g. 64, 128, 256)")
         self._check_model()
+        self._check_editor()
         self._check_multiround()
         self._check_overlap_conflict()
         self._check_layerwise()
@@ -328,6 +335,12 @@ class Scenario:
             raise ConfigError(f"dataset {self.dataset!r} is not a file (a CounterFact or zsRE JSON list)")
         if self.hparams or not self.is_world:
             self.settings  # noqa: B018 -- reads the settings file now, so a bad one fails here
+
+    def _check_editor(self) -> None:
+        """The ``editor`` key: AlphaEdit protects knowledge by its projection, not knowledge-weight."""
+        if self.editor == "alphaedit" and self.knowledge_weight > 0:
+            raise ConfigError("editor = 'alphaedit' does not combine with knowledge-weight > 0 (AlphaEdit protects "
+                              "known facts by projecting keys onto C0's null space instead)")
 
     def _check_overlap_conflict(self) -> None:
         """The residual-guard and conflict keys (see the module docstring)."""
@@ -486,7 +499,9 @@ class Scenario:
     def memit_overrides(self) -> dict[str, Any]:
         """MemitConfig fields this scenario sets (the settings file's values where a key is left to it)."""
         memit = self.settings.memit
-        return {"mode": self.editor_mode, "fact_token": memit.fact_token, "lam": memit.lam, "passes": self.passes,
+        return {"editor": self.editor, "nullspace_threshold": self.nullspace_threshold,
+                "alphaedit_l2": self.alphaedit_l2,
+                "mode": self.editor_mode, "fact_token": memit.fact_token, "lam": memit.lam, "passes": self.passes,
                 "batch_invariant": self.batch_invariant,
                 "knowledge_weight": self.knowledge_weight, "v_num_grad_steps": memit.v_num_grad_steps,
                 "clamp_norm_factor": memit.clamp_norm_factor, "loss_stop": memit.loss_stop}

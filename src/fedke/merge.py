@@ -13,6 +13,10 @@ Equations (NOTES.md section 1, CollabEdit paper numbering):
 * CollabEdit, Lemma 1 (eq. 4):
   ``Delta_G = sum_i Delta_i (A0 + K_i K_i^T) (A0 + sum_j K_j K_j^T)^-1``
 * Residual after repeating an edit (eq. 6): ``R_new = R - R K^T (A0 + K K^T)^-1 K``
+* AlphaEdit (Fang et al., ICLR 2025): ``Delta = R K^T P (P (K K^T + C_p) P + alpha I)^-1`` with
+  ``P`` the projector onto the near-null space of ``C0`` (:func:`null_space_projector`). It is
+  MEMIT's closed form in projected keys ``K' = P K`` with ``A0 = alpha I`` and ``C_p`` the earlier
+  rounds' ``sum K' K'^T`` (:func:`alphaedit_update`), so CollabEdit merges it exactly.
 * Task arithmetic / FedAvg / TIES: :func:`merge_deltas`.
 """
 
@@ -28,6 +32,8 @@ import scipy.linalg
 __all__ = [
     "MERGE_METHODS",
     "MergeMethod",
+    "alphaedit_update",
+    "null_space_projector",
     "SingularSystemError",
     "collab_edit",
     "collab_edit_from_sums",
@@ -260,6 +266,41 @@ def collab_edit(
     """
     rkt_sum, kkt_sum = collab_sums(deltas, kkts, regulariser)
     return collab_edit_from_sums(rkt_sum, kkt_sum, regulariser)
+
+
+def null_space_projector(covariance: np.ndarray, threshold: float) -> np.ndarray:
+    """AlphaEdit's ``P = U_0 U_0^T``: the projector onto the eigenvectors of ``covariance`` (C0, the
+    keys' second moment) whose eigenvalues are below ``threshold`` times the mean eigenvalue.
+
+    An update ``Delta = Delta P`` leaves every key in the span of C0's large directions (the model's
+    existing knowledge) unchanged: ``Delta k = Delta P k ~ 0``. The threshold is relative, so it does
+    not depend on the keys' scale (the authors use an absolute 1e-2 on their models' C0). ValueError
+    when no eigenvalue is below it (an empty null space cannot hold an edit).
+    """
+    covariance = _as_float64("covariance", covariance, 2)
+    _check_square("covariance", covariance)
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold must be a positive number, got {threshold!r}")
+    eigenvalues, vectors = np.linalg.eigh(0.5 * (covariance + covariance.T))
+    kept = vectors[:, eigenvalues < threshold * float(eigenvalues.mean())]
+    if kept.shape[1] == 0:
+        raise ValueError(f"no eigenvalue of the covariance is below {threshold} x its mean "
+                         f"({float(eigenvalues.mean()):.4g}; smallest {float(eigenvalues.min()):.4g}): "
+                         "raise the null-space threshold")
+    return kept @ kept.T
+
+
+def alphaedit_update(residuals: np.ndarray, keys: np.ndarray, projector: np.ndarray, alpha: float,
+                     preserved: np.ndarray | None = None) -> np.ndarray:
+    """AlphaEdit's closed form, as its authors compute it:
+    ``Delta^T = (P (K K^T + C_p) + alpha I)^-1 P K R^T`` (``C_p``: ``preserved``, the earlier edits'
+    ``K K^T``), by a general linear solve; a reference for :func:`global_edit` on projected keys,
+    which is the same update (``X = X P`` since ``X = (R K^T - X M) P / alpha``)."""
+    residuals, keys, projector = _check_keys(residuals, keys, projector)
+    d_in = keys.shape[0]
+    gram = keys @ keys.T + (0.0 if preserved is None else _as_float64("preserved", preserved, 2))
+    system = projector @ gram + alpha * np.eye(d_in)
+    return scipy.linalg.solve(system, projector @ keys @ residuals.T).T
 
 
 def residual_after_repeat(

@@ -50,7 +50,7 @@ from fedke.editing.presets import LayerPreset, get_module, preset_for
 from fedke.editing.target_forward import (CHUNK_TOKENS, _ByWidth, _ReplayMismatch, _Rows, _TargetForward,
                                          _SuffixStack, _UpperStack, _WholeModel, _width_groups)
 from fedke.editing.weights import apply_update, layer_shape, revert_update
-from fedke.merge import SingularSystemError
+from fedke.merge import SingularSystemError, null_space_projector
 from fedke.payload import EditPayload, LayerPayload
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,17 @@ class MemitConfig:
         Global-Edit's by ~2e-6 (relative) on SmolLM2, at 1.2-2.2x less target time.
     residual_split: ``"remaining"`` (reference: divide by the layers left) or ``"even"`` (by L).
     passes: how many times keys, residuals and solves run with the targets fixed (1: MEMIT).
+    editor: ``"memit"``, or ``"alphaedit"`` (Fang et al., ICLR 2025): every layer's keys are
+        projected onto the near-null space of its covariance C0 (``P``,
+        :func:`fedke.merge.null_space_projector` at ``nullspace_threshold`` x the mean eigenvalue)
+        and the regulariser is ``alpha I`` instead of ``lam C0`` (``alpha = alphaedit_l2`` x C0's
+        mean eigenvalue: scale-free, like the threshold), so the update
+        ``Delta = R K^T P (P K K^T P + alpha I)^-1`` leaves keys in C0's large directions alone. The
+        payload's ``K K^T`` and ``R K^T`` are of the projected keys: CollabEdit merges them exactly,
+        and its dynamic covariance (``sum K K^T`` of earlier rounds) is AlphaEdit's ``P C_p P``.
+    nullspace_threshold: AlphaEdit's null space, relative to C0's mean eigenvalue.
+    alphaedit_l2: AlphaEdit's ``alpha`` (its authors' ``L2``, absolute there), relative to C0's mean
+        eigenvalue.
     kl_prompt: the essence prompt of the KL term.
     context_templates: prefixes, each holding ``{}`` for the prompt; ``None`` samples
         ``n_context`` prefixes of ``context_length`` tokens from the model (seeded).
@@ -137,6 +148,9 @@ class MemitConfig:
     batch_invariant: bool = False
     residual_split: Literal["remaining", "even"] = "remaining"
     passes: int = 1
+    editor: Literal["memit", "alphaedit"] = "memit"
+    nullspace_threshold: float = 0.1
+    alphaedit_l2: float = 0.1
     kl_prompt: str = "{} is a"
     context_templates: tuple[str, ...] | None = None
     n_context: int = 5
@@ -162,6 +176,12 @@ class MemitConfig:
                               ("key_weighting", ("grouped", "uniform")), ("target_forward", ("suffix", "upper", "full"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.editor not in ("memit", "alphaedit"):
+            raise ValueError(f"editor must be 'memit' or 'alphaedit', got {self.editor!r}")
+        for name in ("nullspace_threshold", "alphaedit_l2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (np.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if isinstance(self.target_batch, bool) or not isinstance(self.target_batch, int) or self.target_batch < 1:
             raise ValueError(f"target_batch must be a positive integer, got {self.target_batch!r}")
         if not isinstance(self.batch_invariant, bool):
@@ -284,6 +304,18 @@ class MemitEditor:
                                      f"expected {self.covariances[name].shape}")
                 self.knowledge_grams[name] = gram
         self._context_templates: tuple[str, ...] | None = self.config.context_templates
+        #: AlphaEdit's null-space projector per layer (``editor = "alphaedit"``), else empty.
+        self.key_projectors: dict[str, torch.Tensor] = {}
+        if self.config.editor == "alphaedit":
+            if self.config.knowledge_weight > 0:
+                raise ValueError("knowledge_weight adds K0 K0^T to MEMIT's regulariser; AlphaEdit protects "
+                                 "knowledge by its projection instead (use one or the other)")
+            for name, cov in self.covariances.items():
+                try:
+                    projector = null_space_projector(cov, self.config.nullspace_threshold)
+                except ValueError as error:
+                    raise ValueError(f"layer {name!r}: {error}") from None
+                self.key_projectors[name] = torch.as_tensor(projector, device=self.device)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -291,8 +323,11 @@ class MemitEditor:
         return next(self.model.parameters()).device
 
     def regularisers(self) -> dict[str, np.ndarray]:
-        """``A0_l = lam * C_l`` (``+ alpha * K0 K0^T`` with ``knowledge_weight``): what a CollabEdit
-        server needs to merge this editor's payloads."""
+        """``A0_l = lam * C_l`` (``+ alpha * K0 K0^T`` with ``knowledge_weight``; AlphaEdit:
+        ``alpha * I``): what a CollabEdit server needs to merge this editor's payloads."""
+        if self.config.editor == "alphaedit":  # alpha relative to C0's mean eigenvalue, as the null space
+            return {name: self.config.alphaedit_l2 * float(np.trace(cov)) / cov.shape[0] * np.eye(cov.shape[0])
+                    for name, cov in self.covariances.items()}
         regs = {name: self.config.lam * _ridged(cov, self.config.cov_ridge) for name, cov in self.covariances.items()}
         for name, gram in self.knowledge_grams.items():
             regs[name] = regs[name] + self.config.knowledge_weight * gram
@@ -433,7 +468,7 @@ class MemitEditor:
                 for i, name in enumerate(self.layer_names):
                     if self.config.mode == "sequential" or keys_all is None:
                         keys_all, current_all = self._keys_and_outputs(requests)
-                    keys = keys_all[name]  # (d_in, M) float64
+                    keys = self._solve_keys(name, keys_all[name])  # (d_in, M) float64
                     remaining = n_layers - i if self.config.residual_split == "remaining" else n_layers
                     residuals = (targets - current_all).T.to(torch.float64) / remaining  # (d_out, M)
                     layers[name] = _solve_layer(residuals, keys, torch.as_tensor(regs[name], device=keys.device), name)
@@ -485,7 +520,12 @@ class MemitEditor:
         n_layers = len(self.layer_names)
         remaining = n_layers - layer_index if self.config.residual_split == "remaining" else n_layers
         residuals = (targets.z.to(self.device) - current).T.to(torch.float64) / remaining
-        return _solve_layer(residuals, keys_all[name], torch.as_tensor(reg, device=self.device), name)
+        return _solve_layer(residuals, self._solve_keys(name, keys_all[name]), torch.as_tensor(reg, device=self.device), name)
+
+    def _solve_keys(self, name: str, keys: torch.Tensor) -> torch.Tensor:
+        """The keys a layer's solve uses: ``K``, or AlphaEdit's ``P K``."""
+        projector = self.key_projectors.get(name)
+        return keys if projector is None else projector.to(keys.dtype) @ keys
 
     # ------------------------------------------------------------------ checks
     def _check_requests(self, requests: Sequence[EditRequest]) -> None:

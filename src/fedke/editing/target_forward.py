@@ -224,9 +224,9 @@ class _SuffixStack(_UpperStack):
             raise _ReplayMismatch("a loss position lies before its row's fact token")
         names = [next((n for n in _CACHE_KWARGS if n in inspect.signature(b.forward).parameters), None)
                  for b in self.blocks]
-        if not self.blocks or None in names:
+        if None in names:
             raise _ReplayMismatch("an upper block takes no attention cache")
-        self.cache_kwarg = names[0]
+        self.cache_kwarg = names[0] if names else "cache"
         self.calls = [_as_keywords(block, args, kwargs) for block, (args, kwargs) in zip(self.blocks, self.calls)]
         self.hidden_names = [next(iter(inspect.signature(block.forward).parameters)) for block in self.blocks]
         self.prefix_slots = max(1, int(lookups.max()))
