@@ -90,3 +90,19 @@ def test_the_editor_key_reaches_the_editor_and_refuses_knowledge_weight():
         Scenario.from_run_config({"model": "world", "editor": "malmen"})
     with pytest.raises(ConfigError, match="knowledge-weight"):
         Scenario.from_run_config({"model": "world", "editor": "alphaedit", "knowledge-weight": 0.01})
+
+
+def test_the_editors_benchmark_writes_the_issue_keys_and_collabedit_equals_global_edit(cache_dir, tiny_bed, tmp_path,
+                                                                                       load_bench):
+    import json
+
+    out = tmp_path / "editors.json"
+    result = load_bench("editors").main(["--quick", "--cache-dir", str(cache_dir), "--out", str(out)])
+    assert json.loads(out.read_text()).keys() == result.keys() == {"editors", "config"}
+    assert set(result["editors"]) == {"memit", "alphaedit"}
+    for row in result["editors"].values():
+        assert set(row) == {"GlobalEdit", "CollabEdit", "TaskArithmetic", "rel_error_collab_vs_global",
+                            "seconds_per_edit"}
+        assert row["rel_error_collab_vs_global"] < 1e-5 and row["seconds_per_edit"] > 0  # float32 wire
+        assert row["CollabEdit"]["ES"] == row["GlobalEdit"]["ES"]
+        assert list(row["GlobalEdit"])[:4] == ["ES", "PS", "NS", "Score"]

@@ -698,8 +698,8 @@ class MemitEditor:
                 finished = (loss if cfg.early_stop == "loss" else nll).detach() < cfg.loss_stop
                 done[mine[finished]] = True
                 if progress:
-                    log.info("target step %d: nll %.3f (max %.3f), %d/%d done", step, float(nll.mean()),
-                             float(nll.max()), int(done.sum()), m)
+                    log.info("target step %d: nll %.3f (max %.3f), %d/%d done", step, float(nll.detach().mean()),
+                             float(nll.detach().max()), int(done.sum()), m)
                 if bool(done.all()) or step == cfg.v_num_grad_steps - 1:
                     break
                 loss[~finished].sum().backward()
