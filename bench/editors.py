@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import METRICS, add_model_arguments, facts_config, fill_model_sizes, print_table, write_json  # noqa: E402
 
+from fedke.merge import relative_update_error  # noqa: E402
 from fedke.codec import encode_payload  # noqa: E402
 from fedke.simulations.inprocess import LocalProxy, fit_result  # noqa: E402
 from fedke.simulations.oracle import evaluate_update  # noqa: E402
@@ -40,12 +41,6 @@ from fedke.simulations.wiring import build_strategy  # noqa: E402
 EDITORS = ("memit", "alphaedit")
 SIZES = {"world": {"clients": 10, "edits_per_client": 20}, "smollm2": {"clients": 10, "edits_per_client": 20}}
 log = logging.getLogger("bench.editors")
-
-
-def relative_error(update, reference) -> float:
-    num = sum(float(np.linalg.norm(update[k] - reference[k]) ** 2) for k in reference)
-    den = sum(float(np.linalg.norm(reference[k]) ** 2) for k in reference)
-    return (num / den) ** 0.5
 
 
 def merged(scenario: Scenario, strategy: str, replies) -> dict[str, np.ndarray]:
@@ -69,7 +64,7 @@ def run_editor(scenario: Scenario, name: str, client_requests, client_targets, a
                "CollabEdit": merged(scenario, "collabedit", replies),
                "TaskArithmetic": merged(scenario, "task_arithmetic", replies)}
     row = {method: evaluate_update(scenario, update, 1, cases) for method, update in updates.items()}
-    row["rel_error_collab_vs_global"] = relative_error(updates["CollabEdit"], updates["GlobalEdit"])
+    row["rel_error_collab_vs_global"] = relative_update_error(updates["CollabEdit"], updates["GlobalEdit"])
     row["seconds_per_edit"] = (target_seconds + client_seconds) / len(all_requests)
     log.info("%s: CollabEdit vs Global-Edit %.3g, %.2f s per edit", name, row["rel_error_collab_vs_global"],
              row["seconds_per_edit"])

@@ -34,6 +34,7 @@ from dataclasses import replace  # noqa: E402
 
 from flwr.common import parameters_to_ndarrays  # noqa: E402
 
+from fedke.merge import relative_update_error  # noqa: E402
 from fedke.codec import decode_payload, encode_payload  # noqa: E402
 from fedke.simulations.client_app import make_client  # noqa: E402
 from fedke.simulations.inprocess import ONE_SHOT_LABEL, compare_methods, fit_result, layerwise_collab  # noqa: E402
@@ -41,12 +42,6 @@ from fedke.simulations.oracle import evaluate_update  # noqa: E402
 from fedke.simulations.runtime import dealt_cases_for, testbed_for  # noqa: E402
 from fedke.simulations.wiring import build_strategy  # noqa: E402
 from fedke.simulations.scenario import Scenario  # noqa: E402
-
-
-def relative_error(update, reference) -> float:
-    num = sum(float(np.linalg.norm(update[k] - reference[k]) ** 2) for k in reference)
-    den = sum(float(np.linalg.norm(reference[k]) ** 2) for k in reference)
-    return (num / den) ** 0.5
 
 
 def comparison_cases(scenario):
@@ -62,7 +57,7 @@ def merge_at_float32(scenario, comparison):
     strategy = build_strategy(replace(scenario, strategy="collabedit", wire_dtype="float32", layerwise="false", passes=1),
                               evaluate=False, wait_for_clients=False)
     strategy.aggregate_fit(1, replies, [])
-    return relative_error(strategy.global_update, comparison.updates["GlobalEdit"]), strategy.global_update
+    return relative_update_error(strategy.global_update, comparison.updates["GlobalEdit"]), strategy.global_update
 
 
 def layerwise_at_float32(scenario, comparison):
@@ -72,7 +67,7 @@ def layerwise_at_float32(scenario, comparison):
     wire32 = replace(scenario, wire_dtype="float32")
     clients = [make_client(wire32, cid, state=client.state) for cid, client in enumerate(comparison.clients)]
     strategy, seconds = layerwise_collab(wire32, clients)
-    return relative_error(strategy.global_update, comparison.updates["GlobalEdit"]), strategy.global_update, seconds
+    return relative_update_error(strategy.global_update, comparison.updates["GlobalEdit"]), strategy.global_update, seconds
 
 
 def main(argv=None) -> dict:
@@ -116,7 +111,7 @@ def main(argv=None) -> dict:
     summary = comparison.summary
     cases = comparison_cases(scenario)
     layerwise = ONE_SHOT_LABEL in comparison.updates  # sequential MEMIT: CollabEdit runs layer-wise
-    error = relative_error(comparison.updates["CollabEdit"], comparison.updates["GlobalEdit"])
+    error = relative_update_error(comparison.updates["CollabEdit"], comparison.updates["GlobalEdit"])
     one_shot_f32_error, one_shot_f32 = merge_at_float32(scenario, comparison)
     if layerwise:
         error_f32, collab_f32, seconds_f32 = layerwise_at_float32(scenario, comparison)
@@ -141,7 +136,7 @@ def main(argv=None) -> dict:
           f"payloads, {error_f32:.3g} with float32 payloads (the table's CollabEdit row: {args.wire_dtype})")
     one_shot_error = None
     if layerwise:
-        one_shot_error = relative_error(comparison.updates[ONE_SHOT_LABEL], comparison.updates["GlobalEdit"])
+        one_shot_error = relative_update_error(comparison.updates[ONE_SHOT_LABEL], comparison.updates["GlobalEdit"])
         print(f"one-shot CollabEdit of the sequential payloads vs Global-Edit: relative error {one_shot_error:.3g} "
               f"(float64), {one_shot_f32_error:.3g} (float32)")
     for name in (["CollabEdit", ONE_SHOT_LABEL] if layerwise else []) + ["FedAvg", "TaskArithmetic", "TIES"]:

@@ -18,6 +18,7 @@ import numpy as np
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from fedke.codec import decode_payload
+from fedke.merge import relative_update_error
 from fedke.payload import EditPayload
 from fedke.strategies.secagg import CollabEditSecAgg, encode_secagg, simulate_secagg_mean
 
@@ -38,13 +39,6 @@ def secagg_results(strategy: CollabEditSecAgg, payloads: Sequence[EditPayload]) 
                                 quantization_range=strategy.quantization_range)
     parameters = ndarrays_to_parameters(mean)
     return [(LocalProxy(str(i)), FitRes(Status(Code.OK, ""), parameters, 1, {})) for i in range(len(payloads))]
-
-
-def relative_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
-    """``||got - want||_F / ||want||_F`` over all layers together."""
-    num = sum(float(np.sum((got[name] - want[name]) ** 2)) for name in want)
-    den = sum(float(np.sum(want[name] ** 2)) for name in want)
-    return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
 
 
 @dataclass
@@ -104,5 +98,5 @@ def compare_secagg(scenario: Scenario, *, evaluate: bool = True) -> SecAggCompar
         cases = [case for (_, r), cs in sorted(dealt_cases_for(plain_scenario).items()) if r == 1 for case in cs]
         metrics_plain = evaluate_update(plain_scenario, update_plain, 1, cases)
         metrics_secagg = evaluate_update(plain_scenario, update_secagg, 1, cases)
-    return SecAggComparison(relative_error(update_secagg, update_plain), metrics_plain, metrics_secagg,
+    return SecAggComparison(relative_update_error(update_secagg, update_plain), metrics_plain, metrics_secagg,
                             seconds, update_plain, update_secagg, secure)

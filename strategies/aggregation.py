@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from logging import WARNING
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +21,7 @@ from flwr.common import FitRes, Parameters, Scalar
 from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
 
-from fedke.codec import PayloadError
+from fedke.codec import PayloadError, decode_payload
 from fedke.payload import EditPayload
 
 from .replies import _cid, _reason, check_fit_metrics, decode_reply, describe_failure
@@ -27,7 +29,24 @@ from .replies import _cid, _reason, check_fit_metrics, decode_reply, describe_fa
 if TYPE_CHECKING:
     from .base import EditMergeStrategy
 
-__all__ = ["RoundAggregation", "RoundMerger"]
+__all__ = ["ReplyChecks", "RoundAggregation", "RoundMerger"]
+
+
+@dataclass(frozen=True)
+class ReplyChecks:
+    """What a round checks every reply against (:func:`fedke.codec.decode_payload`): the norm bound,
+    the PSD tolerance of K K^T and the most edits one reply may carry. A strategy's own settings by
+    default (:meth:`of`); a wrapper passes its own for a round (e.g. SecAgg+'s sum: a wider PSD
+    tolerance, no per-client edit bound) instead of changing the strategy's."""
+
+    max_norm: float | Mapping[str, float] | None = 1e6
+    psd_tol: float | None = 1e-6
+    max_edits_per_client: int | None = None
+
+    @classmethod
+    def of(cls, strategy: Any) -> "ReplyChecks":
+        return cls(max_norm=strategy.max_norm, psd_tol=strategy.psd_tol,
+                   max_edits_per_client=strategy.max_edits_per_client)
 
 
 # ----------------------------------------------------------------------------- the merge of one round
@@ -79,9 +98,15 @@ class RoundAggregation:
     ``finish()``.
     """
 
-    def __init__(self, strategy: "EditMergeStrategy", server_round: int) -> None:
+    def __init__(self, strategy: "EditMergeStrategy", server_round: int, *, checks: ReplyChecks | None = None,
+                 notify: bool = True) -> None:
         self.strategy = strategy
         self.server_round = server_round
+        #: What every reply of this round is checked against (default: the strategy's settings).
+        self.checks = checks if checks is not None else ReplyChecks.of(strategy)
+        #: Whether finishing the round calls the strategy's ``on_round_end`` (a wrapper that reports
+        #: the round itself passes False).
+        self.notify = notify
         strategy.last_failures = []
         strategy.last_rejections = []
         self.merger = strategy.merger_for(server_round)
@@ -123,26 +148,37 @@ class RoundAggregation:
         finally:
             self.busy_seconds += time.perf_counter() - started
 
+    def add_arrays(self, cid: str, arrays: list[np.ndarray], metrics: Any = None) -> bool:
+        """Validate one payload given as its wire arrays (:func:`fedke.codec.encode_payload`) and merge
+        it if accepted, as :meth:`add_reply` does for a ``FitRes``; True if it was merged. For an
+        aggregate that did not come in one client's reply (e.g. SecAgg+'s sum)."""
+        self._check_open()
+        started = time.perf_counter()
+        try:
+            return self._add(cid, lambda: decode_payload(arrays, **self._decode_settings()), metrics or {})
+        finally:
+            self.busy_seconds += time.perf_counter() - started
+
+    def _decode_settings(self) -> dict[str, Any]:
+        checks = self.checks
+        return dict(expected=self.expected, max_norm=checks.max_norm, psd_tol=checks.psd_tol,
+                    require=self.strategy.required_arrays, max_edits=checks.max_edits_per_client)
+
     def _add_reply(self, client_proxy: ClientProxy, fit_res: FitRes) -> bool:
+        return self._add(_cid(client_proxy), lambda: decode_reply(fit_res, **self._decode_settings()),
+                         getattr(fit_res, "metrics", None))
+
+    def _add(self, cid: str, decode, client_metrics: Any) -> bool:
         strategy = self.strategy
         server_round = self.server_round
         self.n_results += 1
         if self.error is not None:  # the merge already failed: the round will not be applied
             return False
-        cid = _cid(client_proxy)
         tic = time.perf_counter()
         try:
-            payload = decode_reply(
-                fit_res,
-                expected=self.expected,
-                max_norm=strategy.max_norm,
-                psd_tol=strategy.psd_tol,
-                require=strategy.required_arrays,
-                max_edits=strategy.max_edits_per_client,
-            )
+            payload = decode()
             strategy.check_payload(payload)
-            client_metrics = getattr(fit_res, "metrics", None)
-            counts = check_fit_metrics(client_metrics, max_edits=strategy.max_edits_per_client)
+            counts = check_fit_metrics(client_metrics, max_edits=self.checks.max_edits_per_client)
             claims = None
             if strategy.conflict_coordinator is not None:
                 claims = strategy.conflict_coordinator.read_claims(client_metrics)

@@ -53,7 +53,7 @@ from flwr.server.strategy import Strategy
 from fedke.codec import MAX_COUNT, LayerSpec, encode_update
 from fedke.payload import EditPayload
 
-from .aggregation import RoundAggregation, RoundMerger
+from .aggregation import ReplyChecks, RoundAggregation, RoundMerger
 from .replies import (_check_layer_specs, _cid, _frobenius, _json_scalar, _reason, _short, _weighted_mean,
                       check_fit_metrics, check_layer_arrays, decode_reply, describe_failure, residual_norm_summary,
                       sample_clients, weighted_metrics_average)
@@ -62,6 +62,7 @@ __all__ = [
     "STATE_FORMAT",
     "STATE_VERSION",
     "EditMergeStrategy",
+    "ReplyChecks",
     "RoundAggregation",
     "RoundMerger",
     "check_fit_metrics",
@@ -403,15 +404,18 @@ class EditMergeStrategy(Strategy, ABC):
             aggregation.add_reply(client_proxy, fit_res)
         return aggregation.finish()
 
-    def begin_round(self, server_round: int) -> "RoundAggregation":
+    def begin_round(self, server_round: int, *, checks: "ReplyChecks | None" = None,
+                    notify: bool = True) -> "RoundAggregation":
         """A round's aggregation fed one reply at a time (what :meth:`aggregate_fit` runs on a list).
 
         A streaming server loop calls :meth:`RoundAggregation.add_reply` (or ``add_failure``) as each
         reply arrives and drops it, then :meth:`RoundAggregation.finish`; the validation, the merge
         and the metrics are exactly those of :meth:`aggregate_fit` fed the same replies in the same
-        order. Resets :attr:`last_failures` and :attr:`last_rejections`.
+        order. Resets :attr:`last_failures` and :attr:`last_rejections`. ``checks``: this round's reply
+        checks instead of the strategy's settings; ``notify = False``: finishing does not call
+        ``on_round_end`` (a wrapper that reports the round itself).
         """
-        return RoundAggregation(self, server_round)
+        return RoundAggregation(self, server_round, checks=checks, notify=notify)
 
     def _finish_round(self, aggregation: "RoundAggregation") -> tuple[Parameters | None, dict[str, Scalar]]:
         """Merge result, commit, metrics and ``on_round_end`` of a round (see :class:`RoundAggregation`)."""
@@ -484,7 +488,8 @@ class EditMergeStrategy(Strategy, ABC):
             "applied" if applied else "not applied",
         )
         self.round_metrics.append({"server_round": int(server_round), **{k: _json_scalar(v) for k, v in metrics.items()}})
-        self.notify_round_end(server_round, metrics)
+        if aggregation.notify:
+            self.notify_round_end(server_round, metrics)
         return parameters, metrics
 
     def notify_round_end(self, server_round: int, metrics: Mapping[str, Scalar]) -> None:

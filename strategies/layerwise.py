@@ -280,14 +280,15 @@ class LayerwiseCollabEdit(CollabEdit):
     def merger_for(self, server_round: int) -> RoundMerger:
         return _LayerStepMerger(self, self.position(server_round)[1])
 
-    def begin_round(self, server_round: int) -> RoundAggregation:
-        """Step ``i``'s aggregation (validation against layer ``l_i`` only). RuntimeError if step ``i`` of
-        this edit round was already aggregated (a step merged twice would add its layer twice)."""
+    def begin_round(self, server_round: int, **options: Any) -> RoundAggregation:
+        """Step ``i``'s aggregation (validation against layer ``l_i`` only; ``options`` as
+        :meth:`EditMergeStrategy.begin_round`). RuntimeError if step ``i`` of this edit round was
+        already aggregated (a step merged twice would add its layer twice)."""
         edit_round, step = self._enter(server_round)
         if step < self.steps_done:
             raise RuntimeError(f"server round {server_round}: layer step {step} of edit round {edit_round} "
                                f"was already aggregated ({self.steps_done} steps done)")
-        return super().begin_round(server_round)
+        return super().begin_round(server_round, **options)
 
     def _finish_round(self, aggregation: RoundAggregation) -> tuple[Parameters | None, dict[str, Scalar]]:
         outcome = super()._finish_round(aggregation)

@@ -70,7 +70,7 @@ from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.common import Code, FitIns, FitRes, Parameters, Scalar, Status, ndarrays_to_parameters
+from flwr.common import FitIns, FitRes, Parameters, Scalar
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -81,7 +81,8 @@ from fedke.secagg import (MODULUS_RANGE, SECAGG_CONFIG_KEYS, SecAggBounds, _boun
                           decode_secagg_sum, default_bounds, encode_secagg, quantization_range_for, secagg_layout,
                           split_limbs)
 
-from .replies import _safe_text
+from .aggregation import ReplyChecks
+from .replies import _cid, _safe_text
 from .collabedit import CollabEdit
 
 __all__ = [
@@ -233,26 +234,25 @@ class CollabEditSecAgg(CollabEdit):
                 problem = _safe_text(error)
             except Exception as error:  # noqa: BLE001 - an aggregate that cannot be read changes nothing
                 problem = f"the secure aggregate cannot be read ({type(error).__name__}: {_safe_text(error)})"
-        replies: list[tuple[ClientProxy, FitRes]] = []
-        if summed is not None and problem is None:
-            arrays = encode_payload(summed, dtype=np.float64, send_delta=False)
-            replies = [(results[0][0], FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {}))]
         if problem is not None:
             log(ERROR, "round %s: secure aggregate refused: %s; the cumulative update is left unchanged", server_round, problem)
-        # the sum's kkt is PSD up to the quantisation noise: widen the codec's PSD tolerance by it
-        saved_psd_tol, saved_on_round_end, saved_max_edits = self.psd_tol, self.on_round_end, self.max_edits_per_client
-        self.max_edits_per_client = None  # the sum of N clients' edits (checked against N x the bound above)
-        if self.psd_tol is not None and summed is not None:
+        # This round's checks: the sum's K K^T is PSD up to the quantisation noise (the codec's PSD
+        # tolerance widened by it), and it carries N clients' edits (checked against N x the bound above).
+        psd_tol = self.psd_tol
+        if psd_tol is not None and summed is not None:
             noise = max(4.0 * self.quantisation_step("kkt") * math.sqrt(n_clients * spec.d_in)
                         / max(1.0, float(np.trace(summed.layers[spec.name].kkt))) for spec in self.layer_specs)
-            self.psd_tol = max(self.psd_tol, noise)
-        self.on_round_end = None
-        try:
-            parameters, metrics = super().aggregate_fit(server_round, replies, failures)
-        finally:
-            self.psd_tol, self.on_round_end, self.max_edits_per_client = saved_psd_tol, saved_on_round_end, saved_max_edits
+            psd_tol = max(psd_tol, noise)
+        aggregation = self.begin_round(server_round, notify=False,
+                                       checks=replace(ReplyChecks.of(self), psd_tol=psd_tol, max_edits_per_client=None))
+        for failure in failures:
+            aggregation.add_failure(failure)
+        merged_sum = summed is not None and problem is None
+        if merged_sum:
+            aggregation.add_arrays(_cid(results[0][0]), encode_payload(summed, dtype=np.float64, send_delta=False))
+        parameters, metrics = aggregation.finish()
         metrics = dict(metrics)
-        accepted = bool(replies) and int(metrics.get("n_accepted", 0)) == 1
+        accepted = merged_sum and int(metrics.get("n_accepted", 0)) == 1
         metrics.update(n_results=n_clients, n_accepted=n_clients if accepted else 0,
                        n_rejected=0 if accepted or not n_clients else n_clients, secure_aggregation=True)
         if problem is not None:

@@ -186,6 +186,20 @@ def test_secagg_merge_equals_collabedit_and_never_sees_a_client():
     assert 0 < errors[1] < 1e-6 and errors[2] < 1e-4 * errors[1], errors
 
 
+def test_a_secure_round_uses_its_own_checks_and_reports_once_leaving_the_strategy_as_it_was():
+    """The sum's wider PSD tolerance and lifted per-client edit bound are the round's checks
+    (``begin_round(checks=...)``), not a temporary change of the strategy's attributes, and
+    ``on_round_end`` hears the secure round once, with its secure metrics."""
+    regs, payloads = _setup()
+    heard = []
+    secure = _secagg(regs, payloads, max_edits_per_client=3, on_round_end=lambda r, m: heard.append((r, m)))
+    settings = (secure.psd_tol, secure.max_edits_per_client, secure.on_round_end)
+    _, metrics = secure.aggregate_fit(1, _results(secure, payloads), [])
+    assert metrics["applied"] and metrics["n_edits"] == 15  # 5 x 3 edits: above one client's bound of 3
+    assert (secure.psd_tol, secure.max_edits_per_client, secure.on_round_end) == settings
+    assert [(r, m["secure_aggregation"], m["n_accepted"]) for r, m in heard] == [(1, True, 5)]
+
+
 def test_configure_fit_sends_the_public_bounds_and_caps_the_clients():
     from flwr.server.client_proxy import ClientProxy
 

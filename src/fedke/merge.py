@@ -34,6 +34,7 @@ __all__ = [
     "MergeMethod",
     "alphaedit_update",
     "null_space_projector",
+    "relative_update_error",
     "SingularSystemError",
     "collab_edit",
     "collab_edit_from_sums",
@@ -301,6 +302,14 @@ def alphaedit_update(residuals: np.ndarray, keys: np.ndarray, projector: np.ndar
     gram = keys @ keys.T + (0.0 if preserved is None else _as_float64("preserved", preserved, 2))
     system = projector @ gram + alpha * np.eye(d_in)
     return scipy.linalg.solve(system, projector @ keys @ residuals.T).T
+
+
+def relative_update_error(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]) -> float:
+    """``||got - want||_F / ||want||_F`` over all layers of ``want`` together (e.g. CollabEdit's
+    merged update against Global-Edit's)."""
+    num = sum(float(np.sum((np.asarray(got[name], dtype=np.float64) - want[name]) ** 2)) for name in want)
+    den = sum(float(np.sum(np.asarray(want[name], dtype=np.float64) ** 2)) for name in want)
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
 def residual_after_repeat(
