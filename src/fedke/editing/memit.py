@@ -48,7 +48,7 @@ import torch
 from fedke.data.records import EditRequest, RecordError
 from fedke.editing.presets import LayerPreset, get_module, preset_for
 from fedke.editing.target_forward import (CHUNK_TOKENS, _ByWidth, _ReplayMismatch, _Rows, _TargetForward,
-                                         _SuffixStack, _UpperStack, _WholeModel, _width_groups)
+                                         _SuffixStack, _UpperStack, _WholeModel, _suffix_buckets, _width_groups)
 from fedke.editing.weights import apply_update, layer_shape, revert_update
 from fedke.merge import SingularSystemError, null_space_projector
 from fedke.payload import EditPayload, LayerPayload
@@ -99,8 +99,7 @@ class MemitConfig:
         or ``"full"`` (the whole model every step). Each replay is checked against the whole
         model on the first batch and falls back to the next with a warning where it does not
         hold; all give the same targets up to float rounding. Under ``batch_invariant``,
-        ``"suffix"`` runs as ``"upper"`` (its products' shapes depend on the batch mates' fact
-        tokens).
+        ``"suffix"`` runs in fixed-shape chunks of one (prefix, suffix) length bucket each.
     target_batch: requests whose targets are optimised together (memory; targets do not depend
         on it: each request's loss is its own).
     batch_invariant: run every forward of keys and targets in chunks of one fixed shape
@@ -630,10 +629,13 @@ class MemitEditor:
 
     def _target_forward(self, batch: "_TargetBatch") -> "_TargetForward":
         mode = self.config.target_forward
-        if mode == "suffix" and self.config.batch_invariant:
-            mode = "upper"
         if mode == "suffix":
             try:
+                if self.config.batch_invariant:  # fixed-shape chunks of one (prefix, suffix) bucket each
+                    return _ByWidth(lambda part, first: _SuffixStack(self.model, self.preset, part, check=first,
+                                                                     fixed_shapes=True),
+                                    batch.rows, self._chunk_tokens,
+                                    grouping=lambda rows: _suffix_buckets(rows, self._chunk_tokens))
                 return _SuffixStack(self.model, self.preset, batch.rows)
             except _ReplayMismatch as err:
                 log.warning("target optimisation cannot use the suffix replay: %s", err)

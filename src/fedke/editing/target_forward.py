@@ -211,8 +211,12 @@ class _SuffixStack(_UpperStack):
     replays every position).
     """
 
-    def __init__(self, model: torch.nn.Module, preset: LayerPreset, rows: _Rows, check: bool = True) -> None:
-        super().__init__(model, preset, rows, check=False)
+    def __init__(self, model: torch.nn.Module, preset: LayerPreset, rows: _Rows, check: bool = True,
+                 fixed_shapes: bool = False) -> None:
+        """``fixed_shapes``: the rows are one chunk of :func:`_suffix_buckets` (one bucket of prefix
+        and suffix lengths, a fixed number of rows); the prefix slots and the suffix length are then
+        the bucket's, so every product has the bucket's shape whatever the rows' batch mates."""
+        super().__init__(model, preset, rows, check=False, fixed_shapes=fixed_shapes)
         mask = rows.attention_mask.bool()
         lengths = mask.sum(1)
         width = mask.shape[1]
@@ -231,6 +235,8 @@ class _SuffixStack(_UpperStack):
         self.hidden_names = [next(iter(inspect.signature(block.forward).parameters)) for block in self.blocks]
         self.prefix_slots = max(1, int(lookups.max()))
         self.suffix = int((lengths - lookups).max())
+        if fixed_shapes:  # the bucket's sizes (:func:`_suffix_buckets`), the same for every chunk of it
+            self.prefix_slots, self.suffix = _round_up(self.prefix_slots), _round_up(self.suffix)
         steps = torch.arange(self.suffix, device=mask.device)
         self.index = (lookups[:, None] + steps[None]).clamp(max=width - 1)  # (R, S) positions of the suffix
         self.cache = _PrefixCache(self.prefix_slots)
@@ -283,7 +289,8 @@ class _SuffixStack(_UpperStack):
         for block, name, kwargs in zip(self.blocks, self.hidden_names, self.suffix_calls):
             output = block(**{**kwargs, name: hidden})
             hidden = output[0] if isinstance(output, tuple) else output
-        return _lm_head_rows(self.lm_head, self.final_norm(hidden[self.rows.loss_rows, self.loss_steps]), False)
+        return _lm_head_rows(self.lm_head, self.final_norm(hidden[self.rows.loss_rows, self.loss_steps]),
+                             self.fixed_shapes)
 
 
 class _ByWidth:
@@ -291,18 +298,23 @@ class _ByWidth:
     to ``WIDTH_STEP`` tokens (:func:`_width_groups`): no row pays for a longer batch mate's
     padding."""
 
-    def __init__(self, make: Callable[[_Rows, bool], _TargetForward], rows: _Rows, chunk_tokens: int) -> None:
+    def __init__(self, make: Callable[[_Rows, bool], _TargetForward], rows: _Rows, chunk_tokens: int,
+                 grouping: Callable[[_Rows], list] | None = None) -> None:
         """``make(rows, first)`` builds one chunk's forward; ``first`` is True for the first chunk
-        only (architecture checks need not run per chunk). ``chunk_tokens``: see :func:`_width_groups`."""
+        only (architecture checks need not run per chunk). ``chunk_tokens``: see :func:`_width_groups`;
+        ``grouping(rows)``: other groups of the same form (:func:`_suffix_buckets`)."""
         self.parts: list[tuple[torch.Tensor, int, _TargetForward]] = []
         order = []
-        for members, width, padded in _width_groups(rows.attention_mask, chunk_tokens):
+        groups = grouping(rows) if grouping is not None else _width_groups(rows.attention_mask, chunk_tokens)
+        for members, width, padded in groups:
             fillers = len(padded) - len(members)
             local = torch.full((rows.input_ids.shape[0],), -1, dtype=torch.long, device=members.device)
             local[members] = torch.arange(len(members), device=members.device)
             reads = (local[rows.loss_rows] >= 0).nonzero().flatten()
-            sub = _Rows(rows.input_ids[padded, :width], rows.attention_mask[padded, :width], rows.lookups[padded],
-                        local[rows.loss_rows[reads]], rows.loss_positions[reads])
+            short = max(0, width - rows.input_ids.shape[1])  # a bucket wider than this batch: pad (masked)
+            sub = _Rows(torch.nn.functional.pad(rows.input_ids[padded, :width], (0, short), value=0),
+                        torch.nn.functional.pad(rows.attention_mask[padded, :width], (0, short), value=0),
+                        rows.lookups[padded], local[rows.loss_rows[reads]], rows.loss_positions[reads])
             self.parts.append((members, fillers, make(sub, not self.parts)))
             order.append(reads)
         self.inverse = torch.argsort(torch.cat(order))  # concatenated part outputs -> loss order
@@ -346,6 +358,32 @@ def _width_groups(attention_mask: torch.Tensor, chunk_tokens: int = 0) -> list[t
         for start in range(0, len(members), tall):
             part = members[start:start + tall]
             groups.append((part, int(width), torch.cat([part, part[:1].repeat(tall - len(part))])))
+    return groups
+
+
+def _round_up(n: int) -> int:
+    """``n`` rounded up to a multiple of ``WIDTH_STEP`` (at least one step)."""
+    return max(WIDTH_STEP, -(-n // WIDTH_STEP) * WIDTH_STEP)
+
+
+def _suffix_buckets(rows: _Rows, chunk_tokens: int) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """Fixed-shape chunks for :class:`_SuffixStack` under ``batch_invariant`` (as
+    :func:`_width_groups` for the full replay): rows are bucketed by their prefix length (the fact
+    token's position) and suffix length, each rounded up to ``WIDTH_STEP``; a chunk of bucket
+    ``(P, S)`` is ``ceil(chunk_tokens / S)`` rows of width ``P + S`` (fillers: copies of its first
+    row, read by nothing). A row's bucket depends on the row alone, so every product it enters has the
+    same shape whichever requests share its batch: ``(members, width, padded)``."""
+    lengths = rows.attention_mask.sum(1)
+    keys = [(_round_up(int(lookup)), _round_up(int(length - lookup)))
+            for lookup, length in zip(rows.lookups.tolist(), lengths.tolist())]
+    groups = []
+    for prefix, suffix in sorted(set(keys)):
+        members = torch.tensor([i for i, key in enumerate(keys) if key == (prefix, suffix)], dtype=torch.long,
+                               device=rows.lookups.device)
+        tall = -(-chunk_tokens // suffix)
+        for start in range(0, len(members), tall):
+            part = members[start:start + tall]
+            groups.append((part, prefix + suffix, torch.cat([part, part[:1].repeat(tall - len(part))])))
     return groups
 
 
