@@ -21,7 +21,8 @@ from fedke.editing.hparams import EditingSettings
 from fedke.testbed import Testbed, load_real_testbed, load_testbed
 from fedke.worldmodel import WorldModelConfig
 
-from .scenario import Scenario, deal_cases
+from .dealing import deal_cases
+from .scenario import Scenario
 
 
 #: Whether a load that ``testbed_for`` triggers shows progress bars. A context variable rather than a

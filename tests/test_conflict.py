@@ -259,7 +259,8 @@ def test_world_augmentation_speaks_the_world_vocabulary(tiny_bed):
 
 
 def test_scenario_injects_conflicting_pairs(tiny_bed, cache_dir):
-    from fedke.simulations.scenario import Scenario, deal_cases
+    from fedke.simulations.dealing import deal_cases
+    from fedke.simulations.scenario import Scenario
 
     base = Scenario.from_preset("tiny", cache_dir=str(cache_dir), num_rounds=1)
     with pytest.raises(ValueError, match="conflict-pairs"):

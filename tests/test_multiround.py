@@ -7,7 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fedke.simulations.scenario import Scenario, deal_cases
+from fedke.simulations.dealing import deal_cases
+from fedke.simulations.scenario import Scenario
 
 ROUNDS = 4
 
@@ -258,7 +259,8 @@ def test_forgetting_old_set_of_a_fact_set_has_neighbourhood_prompts():
     cases that have them."""
     from fedke.data.factset import FactSet
     from fedke.data.records import EditCase, EditRequest
-    from fedke.simulations.scenario import Scenario, forgetting_cases
+    from fedke.simulations.dealing import forgetting_cases
+    from fedke.simulations.scenario import Scenario
 
     cases = [EditCase(f"c{i}", EditRequest("{} is the capital of", f"City{i}", "Y", "P1376", f"Country{i}", case_id=f"c{i}"))
              for i in range(6)]

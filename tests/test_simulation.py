@@ -9,7 +9,8 @@ import pytest
 
 from fedke.codec import decode_payload, decode_update, encode_update
 from fedke.editing import applied_update
-from fedke.simulations.scenario import Scenario, deal_cases
+from fedke.simulations.dealing import deal_cases
+from fedke.simulations.scenario import Scenario
 from fedke.worldmodel import WorldModelConfig
 
 
