@@ -105,10 +105,12 @@ class MemitConfig:
     batch_invariant: run every forward of keys and targets in chunks of one fixed shape
         (``CHUNK_TOKENS`` tokens of one width: :func:`_width_groups`), so that a request's keys
         and targets are bit-for-bit the same whichever requests share its batch or client, and
-        CollabEdit equals Global-Edit up to the wire's rounding. Off: one forward per width,
-        whose float32 rounding follows the batch (BLAS picks kernels by row count): targets of
-        the same request then differ by ~1e-5 between batches and CollabEdit's update from
-        Global-Edit's by ~2e-6 (relative) on SmolLM2, at 1.2-2.2x less target time.
+        CollabEdit equals Global-Edit up to the wire's rounding. Off: the float32 rounding of a
+        request's forward passes follows its batch (BLAS picks kernels by row count; the suffix
+        replay's shapes follow the batch): targets of the same request then differ by ~1e-5
+        between batches, and a request may stop a step earlier in one batch than in another, so
+        CollabEdit's update is ~2e-6 (relative) from Global-Edit's on SmolLM2 at 20 edits and
+        8e-4 at 200 (bench/results), for less target time.
     residual_split: ``"remaining"`` (reference: divide by the layers left) or ``"even"`` (by L).
     passes: how many times keys, residuals and solves run with the targets fixed (1: MEMIT).
     editor: ``"memit"``, or ``"alphaedit"`` (Fang et al., ICLR 2025): every layer's keys are
