@@ -18,6 +18,9 @@ Equations (NOTES.md section 1, CollabEdit paper numbering):
   MEMIT's closed form in projected keys ``K' = P K`` with ``A0 = alpha I`` and ``C_p`` the earlier
   rounds' ``sum K' K'^T`` (:func:`alphaedit_update`), so CollabEdit merges it exactly.
 * Task arithmetic / FedAvg / TIES: :func:`merge_deltas`.
+
+Why one file of about 550 lines: it is one job, the server's maths, kept where a reader checks
+every closed form against the equations above.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ client payloads equal Global-Edit of all their requests exactly.
 The model is left exactly as it was: callers apply the returned payload's deltas themselves
 (:func:`fedke.editing.weights.apply_update`).
 
-Why one file of about 850 lines: it is one editor. Targets, keys and the solve share the editor's
+Why one file of about 900 lines: it is one editor. Targets, keys and the solve share the editor's
 model hooks, batching and settings; the forward passes of target optimisation live in
 :mod:`fedke.editing.target_forward` and the maths in :mod:`fedke.merge`.
 """
