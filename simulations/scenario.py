@@ -25,7 +25,7 @@ Every key of the run config has a field here (hyphens become underscores)::
                                  # wider models need more (a 4 x 256 model took 47 on the 400-subject world)
     editor = "memit"             # memit | alphaedit: keys projected onto C0's near-null space, A0 = alpha I
     nullspace-threshold = 0.1    # AlphaEdit's null space: C0's eigenvalues below this x their mean
-    alphaedit-l2 = 0.1           # AlphaEdit's alpha, x C0's mean eigenvalue
+    alphaedit-l2 = 100.0         # AlphaEdit's alpha, x C0's mean eigenvalue
     editor-mode = "decoupled"    # decoupled | sequential
     layerwise = "auto"           # auto | true | false: layer-wise CollabEdit (one edited layer per server round)
     fact-token = "auto"          # auto (the settings file's: subject_last for real models, last for the world) | last | subject_last
@@ -227,7 +227,7 @@ class Scenario:
     model_epochs: int = setting(40, at_least=1)
     editor: str = setting("memit", choices=("memit", "alphaedit"))
     nullspace_threshold: float = setting(0.1, above=0.0)
-    alphaedit_l2: float = setting(0.1, above=0.0)
+    alphaedit_l2: float = setting(100.0, above=0.0)
     editor_mode: str = setting("decoupled", choices=("decoupled", "sequential"))
     layerwise: str = setting("auto", choices=("auto", "true", "false"), any_case=True)
     fact_token: str = setting("auto", choices=("auto", "last", "subject_last"))

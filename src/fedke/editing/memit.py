@@ -151,7 +151,7 @@ class MemitConfig:
     passes: int = 1
     editor: Literal["memit", "alphaedit"] = "memit"
     nullspace_threshold: float = 0.1
-    alphaedit_l2: float = 0.1
+    alphaedit_l2: float = 100.0
     kl_prompt: str = "{} is a"
     context_templates: tuple[str, ...] | None = None
     n_context: int = 5
