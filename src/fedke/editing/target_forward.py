@@ -243,7 +243,7 @@ class _SuffixStack(_UpperStack):
         with torch.no_grad():  # record every prefix's keys and values: one full replay through the cache
             _UpperStack.__call__(self, None, **{self.cache_kwarg: self.cache})
         self.cache.recording = False
-        self.suffix_calls = [self._suffix_call(kwargs) for _, kwargs in self.calls]
+        self.suffix_calls = self._suffix_calls()
         self.loss_steps = rows.loss_positions - lookups[rows.loss_rows]
         if check:  # the model's own logits, the suffix replay's without delta, then with one
             self._check_replay(model)
@@ -258,10 +258,10 @@ class _SuffixStack(_UpperStack):
         index = self.index.reshape(*self.index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
         return tensor.gather(1, index)
 
-    def _suffix_call(self, kwargs: dict) -> dict:
-        """A block's recorded call on the suffix: queries are each row's suffix positions, keys its
-        recorded prefix slots (valid below the row's fact token) and then its suffix (causal, valid
-        within the row's length)."""
+    def _suffix_mask(self) -> torch.Tensor:
+        """The additive attention mask of a suffix step, (R, 1, S, P + S): queries are each row's
+        suffix positions, keys its recorded prefix slots (valid below the row's fact token) and then
+        its suffix (causal, valid within the row's length). The same for every block."""
         rows, dtype, device = self.rows, self.h_last.dtype, self.h_last.device
         lengths = rows.attention_mask.sum(1)
         steps = torch.arange(self.suffix, device=device)
@@ -270,17 +270,31 @@ class _SuffixStack(_UpperStack):
         causal = steps[None, :] <= steps[:, None]  # (S, S)
         keep = torch.cat([prefix_ok[:, None, :].expand(-1, self.suffix, -1),
                           causal[None] & suffix_ok[:, None, :]], dim=-1)  # (R, S, P + S)
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(
-            ~keep, torch.finfo(dtype).min)[:, None]
-        if kwargs.get("position_embeddings") is not None:
-            kwargs["position_embeddings"] = tuple(self._gather(part) for part in kwargs["position_embeddings"])
-        if isinstance(kwargs.get("position_ids"), torch.Tensor):
-            kwargs["position_ids"] = self._gather(kwargs["position_ids"])
-        kwargs.pop("cache_position", None)
-        kwargs.pop("use_cache", None)
-        kwargs[self.cache_kwarg] = self.cache
-        return kwargs
+        return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)[:, None]
+
+    def _suffix_calls(self) -> list[dict]:
+        """Every block's recorded call cut to the suffix: the mask above, the rows' own positions
+        (tensors the model passes to every block, e.g. rotary embeddings, gathered once), the cache."""
+        mask, gathered = self._suffix_mask(), {}
+
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in gathered:
+                gathered[id(tensor)] = self._gather(tensor)
+            return gathered[id(tensor)]
+
+        calls = []
+        for _, recorded in self.calls:
+            kwargs = dict(recorded)
+            kwargs["attention_mask"] = mask
+            if kwargs.get("position_embeddings") is not None:
+                kwargs["position_embeddings"] = tuple(gather(part) for part in kwargs["position_embeddings"])
+            if isinstance(kwargs.get("position_ids"), torch.Tensor):
+                kwargs["position_ids"] = gather(kwargs["position_ids"])
+            kwargs.pop("cache_position", None)
+            kwargs.pop("use_cache", None)
+            kwargs[self.cache_kwarg] = self.cache
+            calls.append(kwargs)
+        return calls
 
     def __call__(self, delta_rows: torch.Tensor | None) -> torch.Tensor:
         hidden = self._gather(self.h_last)
