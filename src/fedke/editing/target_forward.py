@@ -349,6 +349,13 @@ class _ByWidth:
         return torch.cat(outputs)[self.inverse]
 
 
+def _chunks(members: torch.Tensor, tall: int, width: int) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """``members`` cut into chunks of ``tall`` rows: ``(part, width, padded)``, ``padded`` being
+    ``part`` plus fillers (copies of its first row, read by nothing) up to ``tall`` rows."""
+    parts = [members[start:start + tall] for start in range(0, len(members), tall)]
+    return [(part, width, torch.cat([part, part[:1].repeat(tall - len(part))])) for part in parts]
+
+
 def _width_groups(attention_mask: torch.Tensor, chunk_tokens: int = 0) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
     """Rows grouped by their length rounded up to WIDTH_STEP: ``(members, width, padded)``, where
     ``padded`` is ``members`` plus fillers (copies of its first row, read by nothing).
@@ -369,9 +376,7 @@ def _width_groups(attention_mask: torch.Tensor, chunk_tokens: int = 0) -> list[t
     for width in sorted(set(widths.tolist())):
         members = (widths == width).nonzero().flatten()
         tall = -(-chunk_tokens // width) if chunk_tokens else max(len(members), -(-MIN_GEMM_ROWS // width))
-        for start in range(0, len(members), tall):
-            part = members[start:start + tall]
-            groups.append((part, int(width), torch.cat([part, part[:1].repeat(tall - len(part))])))
+        groups += _chunks(members, tall, int(width))
     return groups
 
 
@@ -395,9 +400,7 @@ def _suffix_buckets(rows: _Rows, chunk_tokens: int) -> list[tuple[torch.Tensor, 
         members = torch.tensor([i for i, key in enumerate(keys) if key == (prefix, suffix)], dtype=torch.long,
                                device=rows.lookups.device)
         tall = -(-chunk_tokens // suffix)
-        for start in range(0, len(members), tall):
-            part = members[start:start + tall]
-            groups.append((part, prefix + suffix, torch.cat([part, part[:1].repeat(tall - len(part))])))
+        groups += _chunks(members, tall, prefix + suffix)
     return groups
 
 
