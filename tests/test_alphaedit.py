@@ -99,7 +99,7 @@ def test_the_editors_benchmark_writes_the_issue_keys_and_collabedit_equals_globa
 
     out = tmp_path / "editors.json"
     result = load_bench("editors").main(["--quick", "--cache-dir", str(cache_dir), "--out", str(out)])
-    assert json.loads(out.read_text()).keys() == result.keys() == {"editors", "config"}
+    assert json.loads(out.read_text()).keys() == result.keys() == {"editors"}
     assert set(result["editors"]) == {"memit", "alphaedit"}
     for row in result["editors"].values():
         assert set(row) == {"GlobalEdit", "CollabEdit", "TaskArithmetic", "rel_error_collab_vs_global",
