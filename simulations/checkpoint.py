@@ -77,8 +77,8 @@ CHECKSUM_KEY = "checksum_sha256"
 CHECKPOINT_JSON = "checkpoint.json"
 METRICS_LOG = "metrics.jsonl"
 #: Run-config keys that say where things go, not what is computed: left out of the fingerprint.
-#: (``streaming_aggregation`` picks the server loop; both loops compute the same merge.)
-RUN_CONTROL_KEYS = ("checkpoint_dir", "resume", "output_dir", "cache_dir", "streaming_aggregation")
+#: (``streaming_aggregation`` and ``flower_api`` pick the server loop; every loop computes the same merge.)
+RUN_CONTROL_KEYS = ("checkpoint_dir", "resume", "output_dir", "cache_dir", "streaming_aggregation", "flower_api")
 ROW_COLUMNS = ("round", "method", "request_set", "metric", "value")
 
 

@@ -131,13 +131,31 @@ class EditClient(NumPyClient):
         return encode_update({s.name: np.zeros((s.d_out, s.d_in)) for s in self.layer_specs}, dtype=self.wire_dtype)
 
     def fit(self, parameters, config):
+        """The legacy wire form: the listed update in, the listed payload out (:mod:`fedke.codec`)."""
         if "layer_step" in config:
-            return self._fit_layer_step(parameters, config)
+            step = self.check_layer_step(config)
+            round_start, merged = decode_layer_step(list(parameters), expected=self.layer_specs,
+                                                    merged_expected=self.layer_specs[:step])
+            payload, metrics = self.edit_layer_step(round_start, merged, config)
+            arrays = encode_payload(payload, dtype=self.wire_dtype, send_delta=False)
+        else:
+            payload, metrics = self.edit(self._update(parameters), config)
+            if self.secure_aggregation:  # only the SecAgg+ layout, scaled by the server's public bounds
+                from fedke.secagg import SecAggBounds, encode_secagg
+
+                return encode_secagg(payload, self.layer_specs, SecAggBounds.from_config(config)), 1, {}
+            arrays = encode_payload(payload, dtype=self.wire_dtype)
+        metrics["payload_bytes"] = payload_nbytes(arrays)
+        return arrays, payload.n_edits, metrics
+
+    # ------------------------------------------------------------------ the edits, whatever the wire
+    def edit(self, update: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> tuple[EditPayload, dict[str, Any]]:
+        """This client's requests of ``config["server_round"]`` edited on ``W0 + update``: ``(payload, metrics)``."""
         server_round = int(config.get("server_round", 1))
         cases = self.cases_by_round.get(server_round, [])
         started = time.perf_counter()
         metrics: dict[str, Any] = {}
-        with applied_update(self.model, self._update(parameters)):
+        with applied_update(self.model, update):
             if self.conflict_agent is not None:
                 requests = self._conflict_requests(server_round, cases, config, metrics)
             else:
@@ -149,19 +167,12 @@ class EditClient(NumPyClient):
                     metrics.update(guarded.metrics())
             else:
                 payload = self._empty_payload()
-        if self.secure_aggregation:  # only the SecAgg+ layout, scaled by the server's public bounds
-            from fedke.secagg import SecAggBounds, encode_secagg
-
-            return encode_secagg(payload, self.layer_specs, SecAggBounds.from_config(config)), 1, {}
-        arrays = encode_payload(payload, dtype=self.wire_dtype)
-        metrics.update({"n_edits": payload.n_edits, "edit_seconds": time.perf_counter() - started,
-                        "payload_bytes": payload_nbytes(arrays)})
-        return arrays, payload.n_edits, metrics
+        metrics.update({"n_edits": payload.n_edits, "edit_seconds": time.perf_counter() - started})
+        return payload, metrics
 
     # ------------------------------------------------------------------ layer-wise CollabEdit
-    def _fit_layer_step(self, parameters, config):
-        """Step ``layer_step`` of edit round ``server_round`` (module docstring): layer ``l_i``'s payload."""
-        edit_round = int(config.get("server_round", 1))
+    def check_layer_step(self, config: Mapping[str, Any]) -> int:
+        """The ``layer_step`` of a fit config, checked against this client's layers, passes and settings."""
         step = int(config["layer_step"])
         n_layers = len(self.layer_specs)
         n_steps = int(config.get("layer_steps", n_layers))
@@ -180,9 +191,16 @@ class EditClient(NumPyClient):
         if not (hasattr(self.editor, "compute_targets") and hasattr(self.editor, "layer_payload")):
             raise TypeError(f"layer-wise CollabEdit needs a MEMIT editor (compute_targets, layer_payload), "
                             f"got {type(self.editor).__name__}")
+        return step
+
+    def edit_layer_step(self, round_start: Mapping[str, np.ndarray], merged: Mapping[str, np.ndarray],
+                        config: Mapping[str, Any]) -> tuple[EditPayload, dict[str, Any]]:
+        """Step ``layer_step`` of edit round ``server_round`` (module docstring): layer ``l_i``'s payload
+        (``kkt`` and ``rkt``, no delta) on ``W0 + round_start + merged``."""
+        edit_round = int(config.get("server_round", 1))
+        step = self.check_layer_step(config)
+        n_layers = len(self.layer_specs)
         started = time.perf_counter()
-        round_start, merged = decode_layer_step(list(parameters), expected=self.layer_specs,
-                                                merged_expected=self.layer_specs[:step])
         requests = [case.request for case in self.cases_by_round.get(edit_round, [])]
         layer_index = step % n_layers  # pass step // n_layers
         spec = self.layer_specs[layer_index]
@@ -199,10 +217,8 @@ class EditClient(NumPyClient):
         else:
             payload = EditPayload(layers={spec.name: LayerPayload(delta=None, kkt=np.zeros((spec.d_in, spec.d_in)),
                                                                   rkt=np.zeros((spec.d_out, spec.d_in)))}, n_edits=0)
-        arrays = encode_payload(payload, dtype=self.wire_dtype, send_delta=False)
-        metrics.update({"n_edits": payload.n_edits, "edit_seconds": time.perf_counter() - started,
-                        "payload_bytes": payload_nbytes(arrays)})
-        return arrays, payload.n_edits, metrics
+        metrics.update({"n_edits": payload.n_edits, "edit_seconds": time.perf_counter() - started})
+        return payload, metrics
 
     def round_targets(self, edit_round: int, requests: Sequence[Any],
                       round_start: Mapping[str, np.ndarray]):
@@ -258,11 +274,16 @@ class EditClient(NumPyClient):
         return requests
 
     def evaluate(self, parameters, config):
+        return self.evaluate_update(self._update(parameters), config)
+
+    def evaluate_update(self, update: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> tuple[float, int, dict[str, float]]:
+        """``(1 - Score / 100, cases, metrics)`` of every case edited up to ``config["server_round"]``
+        on ``W0 + update`` (the clients' own federated evaluation)."""
         server_round = int(config.get("server_round", 1))
         cases = self.cases_until(server_round)
         if not cases:
             return 0.0, 0, {}
-        with applied_update(self.model, self._update(parameters)):
+        with applied_update(self.model, update):
             summary = evaluate_cases(self.model, self.tokenizer, cases).summary
         metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and np.isfinite(v)}
         return 1.0 - metrics.get("Score", 0.0) / 100.0, len(cases), metrics

@@ -12,6 +12,7 @@ from flwr.common import Context
 from fedke.conflict import SECRET_ENV, ConflictAgent, load_secret, make_policy, world_augmentation
 
 from .client import EditClient
+from .message_client import message_api_mod
 from .runtime import dealt_cases_for, testbed_for
 from .scenario import Scenario
 
@@ -40,12 +41,16 @@ def make_client(scenario: Scenario, partition_id: int, *, secret: str | None = N
                       secure_aggregation=scenario.secure_aggregation, state=state)
 
 
-def client_fn(context: Context):
+def edit_client(context: Context) -> EditClient:
+    """This node's client of the run's scenario (``partition-id`` and ``federation-secret`` from the node config)."""
     scenario = Scenario.from_run_config(context.run_config)
     partition_id = int(context.node_config.get("partition-id", 0))
     secret = context.node_config.get("federation-secret")
-    return make_client(scenario, partition_id, secret=str(secret) if secret else None,
-                       state=context.state).to_client()
+    return make_client(scenario, partition_id, secret=str(secret) if secret else None, state=context.state)
+
+
+def client_fn(context: Context):
+    return edit_client(context).to_client()
 
 
 def secure_aggregation_mod(msg, ctxt, call_next):
@@ -63,4 +68,6 @@ def secure_aggregation_mod(msg, ctxt, call_next):
     return secaggplus_mod(msg, ctxt, call_next) if wanted else call_next(msg, ctxt)
 
 
-app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+#: One ClientApp for both server styles: new-style messages (``flower-api = "message"``) are answered by
+#: :func:`fedke.simulations.message_client.message_api_mod`, the legacy loop's by ``client_fn``.
+app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod, message_api_mod(edit_client)])

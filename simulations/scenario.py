@@ -70,6 +70,9 @@ Every key of the run config has a field here (hyphens become underscores)::
     secagg-clip = 8.0            # SecAgg+ clipping range c; payloads are scaled into [-c, c] by public bounds
     # server loop (fedke.simulations.streaming)
     streaming-aggregation = false  # true: merge each reply as it arrives (server memory independent of N)
+    flower-api = "legacy"        # legacy (Strategy / NumPyClient, start_grid) | message (Flower's Message API:
+                                 # fedke.strategies.message, ArrayRecord payloads; not with secure-aggregation,
+                                 # conflict-detection, streaming-aggregation or checkpoint-dir)
 
 Multi-round numbering: Flower counts rounds from 1. With ``forgetting = true`` Flower round 1 is
 the paper's round 0 (the old requests E_o, ``num-clients x edits-per-client`` of them, from
@@ -264,6 +267,7 @@ class Scenario:
     secure_aggregation: bool = False
     secagg_clip: float = setting(8.0, above=0.0)
     streaming_aggregation: bool = False
+    flower_api: str = setting("legacy", choices=("legacy", "message"))
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -285,6 +289,7 @@ class Scenario:
         if self.secure_aggregation and self.streaming_aggregation:
             raise ConfigError("secure-aggregation = true cannot use streaming-aggregation = true "
                               "(SecAgg+ has its own fit stage)")
+        self._check_flower_api()
         capacity = self.world_subjects * self.world_relations
         if self.is_world and self.total_edits > capacity:
             raise ConfigError(f"the scenario edits {self.total_edits} facts but the world has only {capacity} "
@@ -357,6 +362,22 @@ class Scenario:
         if self.conflict_detection != "off":
             reasons.append(f"conflict-detection = {self.conflict_detection!r}")
         return reasons
+
+    def _check_flower_api(self) -> None:
+        """The ``flower-api`` key: what runs on the legacy path only (see the module docstring)."""
+        if self.flower_api != "message":
+            return
+        legacy_only = [(self.secure_aggregation, "secure-aggregation = true (Flower 1.42 offers SecAgg+ through the "
+                                                 "legacy workflow only)"),
+                       (self.conflict_detection != "off", f"conflict-detection = {self.conflict_detection!r} (its "
+                                                          "claims are text, which a MetricRecord cannot carry)"),
+                       (self.streaming_aggregation, "streaming-aggregation = true (Flower's Message-API loop "
+                                                    "collects every reply before aggregate_train)"),
+                       (bool(self.checkpoint_dir), "checkpoint-dir (checkpoints hook into the legacy loop)")]
+        reasons = [reason for on, reason in legacy_only if on]
+        if reasons:
+            raise ConfigError(f"flower-api = 'message' does not combine with {'; '.join(reasons)}: "
+                              "use flower-api = 'legacy' for these")
 
     def _check_layerwise(self) -> None:
         """The ``layerwise`` key (see the module docstring)."""

@@ -60,9 +60,18 @@ def main(grid, context: Context) -> None:
     ``streaming-aggregation = true``: the same loop with a streaming fit stage that merges each reply
     as it arrives (:class:`fedke.simulations.streaming.StreamingServer`; server memory independent of
     the number of clients).
-    ``secure-aggregation = true``: the default workflow with ``SecAggPlusWorkflow`` as its fit stage."""
+    ``secure-aggregation = true``: the default workflow with ``SecAggPlusWorkflow`` as its fit stage.
+    ``flower-api = "message"``: the same strategy under Flower's Message API
+    (:class:`fedke.strategies.message.MessageEditStrategy`), started with ``strategy.start``."""
     components = server_fn(context)
     scenario = Scenario.from_run_config(context.run_config)
+    if scenario.flower_api == "message":
+        from fedke.strategies.message import MessageEditStrategy
+
+        strategy = MessageEditStrategy(components.strategy)
+        strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=components.config.num_rounds,
+                       timeout=components.config.round_timeout or 3600, evaluate_fn=strategy.oracle)
+        return
     if not scenario.secure_aggregation:
         from flwr.server.compat import start_grid
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from logging import WARNING
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -152,20 +152,28 @@ class RoundAggregation:
         """Validate one payload given as its wire arrays (:func:`fedke.codec.encode_payload`) and merge
         it if accepted, as :meth:`add_reply` does for a ``FitRes``; True if it was merged. For an
         aggregate that did not come in one client's reply (e.g. SecAgg+'s sum)."""
+        return self.add_decoded(cid, lambda: decode_payload(arrays, **self.decode_settings()), metrics)
+
+    def add_decoded(self, cid: str, decode: Callable[[], EditPayload], metrics: Any = None) -> bool:
+        """Validate and merge one reply of another wire form: ``decode()`` returns its checked payload (e.g.
+        :func:`fedke.records.payload_from_named` with :meth:`decode_settings`) or raises to reject it. The
+        metrics checks, the merge and the bookkeeping are :meth:`add_reply`'s; True if it was merged."""
         self._check_open()
         started = time.perf_counter()
         try:
-            return self._add(cid, lambda: decode_payload(arrays, **self._decode_settings()), metrics or {})
+            return self._add(cid, decode, metrics or {})
         finally:
             self.busy_seconds += time.perf_counter() - started
 
-    def _decode_settings(self) -> dict[str, Any]:
+    def decode_settings(self) -> dict[str, Any]:
+        """The codec checks of this round's replies: ``expected`` layers, ``max_norm``, ``psd_tol``,
+        ``require`` and ``max_edits`` (keyword arguments of :func:`fedke.codec.decode_payload`)."""
         checks = self.checks
         return dict(expected=self.expected, max_norm=checks.max_norm, psd_tol=checks.psd_tol,
                     require=self.strategy.required_arrays, max_edits=checks.max_edits_per_client)
 
     def _add_reply(self, client_proxy: ClientProxy, fit_res: FitRes) -> bool:
-        return self._add(_cid(client_proxy), lambda: decode_reply(fit_res, **self._decode_settings()),
+        return self._add(_cid(client_proxy), lambda: decode_reply(fit_res, **self.decode_settings()),
                          getattr(fit_res, "metrics", None))
 
     def _add(self, cid: str, decode, client_metrics: Any) -> bool:

@@ -370,6 +370,11 @@ class EditMergeStrategy(Strategy, ABC):
         """What every client's ``FitIns`` of ``server_round`` carries: the cumulative update."""
         return self.update_parameters()
 
+    def fit_updates(self, server_round: int) -> dict[str, Mapping[str, np.ndarray]]:
+        """What every client of ``server_round`` edits on, by kind (the Message API names its arrays by
+        them, :mod:`fedke.records`): ``{"update": cumulative update}``."""
+        return {"update": self.global_update}
+
     def fit_config(self, server_round: int, cid: str | None = None) -> dict[str, Scalar]:
         """One client's fit config: ``{"server_round": ..., **on_fit_config_fn(server_round)}`` plus,
         with a conflict coordinator, the decisions about that client's own claims (sent once)."""

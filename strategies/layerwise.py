@@ -255,12 +255,17 @@ class LayerwiseCollabEdit(CollabEdit):
 
     # ------------------------------------------------------------------------- fit
 
-    def fit_parameters(self, server_round: int) -> Parameters:
-        """``encode_layer_step(round_start, {l_j: round_update[l_j]})`` over the layers merged in the
-        earlier steps of this edit round (``l_1..l_{i-1}``; every layer from the second pass on)."""
+    def fit_updates(self, server_round: int) -> dict[str, Mapping[str, np.ndarray]]:
+        """``{"round_start": the edit round's start, "merged": {l_j: round_update[l_j]}}`` over the layers
+        merged in the earlier steps of this edit round (``l_1..l_{i-1}``; every layer from the second pass on)."""
         _, step = self._enter(server_round)
         merged = {spec.name: self.round_update[spec.name] for spec in self.layer_specs[:step]}
-        return ndarrays_to_parameters(encode_layer_step(self.round_start, merged, dtype=self.wire_dtype))
+        return {"round_start": self.round_start, "merged": merged}
+
+    def fit_parameters(self, server_round: int) -> Parameters:
+        """:meth:`fit_updates` as ``encode_layer_step(round_start, merged)``."""
+        updates = self.fit_updates(server_round)
+        return ndarrays_to_parameters(encode_layer_step(updates["round_start"], updates["merged"], dtype=self.wire_dtype))
 
     def fit_config(self, server_round: int, cid: str | None = None) -> dict[str, Scalar]:
         """``{"server_round": edit round, "layer_step": i, "layer_steps": passes x L, **on_fit_config_fn(edit round)}``."""

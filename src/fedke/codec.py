@@ -50,6 +50,7 @@ __all__ = [
     "PayloadError",
     "decode_layer_step",
     "decode_payload",
+    "decode_tensor",
     "decode_tensors",
     "decode_update",
     "encode_layer_step",
@@ -446,6 +447,15 @@ def payload_array_names(manifest: Any, count: int) -> list[str]:
     except Exception:  # noqa: BLE001 - only names: a manifest that cannot be read gives positions
         pass
     return [f"array {i} ({roles[i]})" if i < len(roles) else f"array {i}" for i in range(count)]
+
+
+def decode_tensor(where: str, tensor: Any) -> np.ndarray:
+    """One ``.npy`` tensor from a peer (e.g. a Message-API ``Array``'s data) as a NumPy array, its header
+    checked as :func:`decode_tensors` checks each; PayloadError naming ``where`` otherwise."""
+    try:
+        return _load_npy(tensor)
+    except Exception as error:  # noqa: BLE001 - bytes from a peer: anything can go wrong
+        raise PayloadError(f"{where}: not a plain NumPy .npy array ({type(error).__name__}: {error})") from None
 
 
 def decode_tensors(tensors: Any) -> list[np.ndarray]:
