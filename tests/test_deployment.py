@@ -68,6 +68,10 @@ def test_loopback_deployment_runs_collabedit_for_two_rounds(tiny_bed, cache_dir,
             assert len(pids) == 4  # one SuperLink, three SuperNodes
             assert (home / "config.toml").read_text().count("127.0.0.1") == 1
             result = deployment.run(REPO, run_config=config, timeout_s=300)
+            # the same app, new style: Flower's Message-API loop on the same SuperLink and SuperNodes
+            message_out = tmp_path / "message-results"
+            message_result = deployment.run(REPO, run_config={**config, "flower-api": "message",
+                                                              "output-dir": str(message_out)}, timeout_s=300)
     finally:
         survivors = _kill_survivors(home)
     assert not survivors, f"processes {sorted(survivors)} survived the deployment"
@@ -94,6 +98,16 @@ def test_loopback_deployment_runs_collabedit_for_two_rounds(tiny_bed, cache_dir,
             assert got[metric] == pytest.approx(want[metric], abs=1e-6), (server_round, metric)
         got, want = _metrics(table, server_round, "merge"), _metrics(reference, server_round, "merge")
         assert got["update_norm"] == pytest.approx(want["update_norm"], rel=1e-6)
+
+    # flower-api = "message": the same results through fedke.strategies.message and ArrayRecords
+    assert message_result.ok and message_result.status_text == "finished:completed", message_result.log_tail()
+    message_table = read_results(message_out / "results.csv")
+    for server_round in (1, 2):
+        got, want = _metrics(message_table, server_round), _metrics(reference, server_round)
+        for metric in METRICS:
+            assert got[metric] == pytest.approx(want[metric], abs=1e-6), ("message", server_round, metric)
+        merge = _metrics(message_table, server_round, "merge")
+        assert merge["n_accepted"] == 3 and merge["n_rejected"] == 0 and merge["n_edits"] == 12
 
 
 @pytest.mark.slow

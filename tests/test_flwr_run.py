@@ -156,6 +156,30 @@ def test_flwr_run_equals_the_in_process_loop_and_global_edit(tiny_bed, cache_dir
 
 @pytest.mark.slow
 @needs_proc
+def test_flwr_run_of_the_message_api_app_equals_the_legacy_in_process_loop(tiny_bed, cache_dir, tmp_path, one_thread):
+    """``flower-api = "message"``: the same app's ServerApp starts fedke.strategies.message's CollabEdit
+    (Flower's Strategy.start, ArrayRecord payloads) and its one ClientApp answers by the mod; the
+    results equal the legacy in-process loop's, round by round."""
+    from fedke.simulations.inprocess import run_in_process
+    from fedke.simulations.scenario import Scenario
+
+    config = {**load_run_config(TINY_PRESET), "cache-dir": str(cache_dir), "flower-api": "message"}
+    result, table, payload = _flower_run(tmp_path, "message", config, num_supernodes=3)
+    assert "Starting MessageEditStrategy strategy" in result.log_text
+    assert set(table["round"]) == {1, 2}
+    scenario = Scenario.from_run_config({**config, "flower-api": "legacy", "output-dir": str(tmp_path / "inprocess")})
+    reference = run_in_process(scenario, write=False).writer.table()
+    for server_round in (1, 2):
+        got, want = _metrics(table, server_round), _metrics(reference, server_round)
+        for metric in METRICS:
+            assert got[metric] == pytest.approx(want[metric], abs=1e-6), (server_round, metric)
+        got, want = _metrics(table, server_round, "merge"), _metrics(reference, server_round, "merge")
+        assert got["n_accepted"] == 3 and got["n_edits"] == 12
+        assert got["update_norm"] == pytest.approx(want["update_norm"], rel=1e-6)
+
+
+@pytest.mark.slow
+@needs_proc
 def test_flwr_run_layerwise_collabedit_keeps_targets_in_context_state(tiny_bed, cache_dir, tmp_path, one_thread):
     """Sequential MEMIT under `flwr run` runs layer-wise CollabEdit (layerwise = "auto"): one edit round
     is 2 Flower rounds (the tiny model edits 2 layers), the SuperNodes' Context.state carries each

@@ -5,6 +5,7 @@ are fedke's ClientApp, and their equality with the legacy path."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -261,3 +262,130 @@ def test_a_legacy_message_still_reaches_the_numpy_client(tiny_bed, cache_dir, ta
     new = Message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord()}),
                   dst_node_id=1, message_type="train")
     assert not is_message_api(legacy) and is_message_api(new)
+
+
+# ----------------------------------------------------------------------------- the README's new-style app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+#: common.py of the README's app, on the tiny world model instead of a model directory (the README's
+#: own common.py loads a Hugging Face model from model-path; the apps below are the README's verbatim).
+TINY_COMMON = '''
+from fedke.codec import LayerSpec
+from fedke.data.world import WorldConfig
+from fedke.testbed import load_testbed
+from fedke.worldmodel import WorldModelConfig
+
+def load_editor(run_config):
+    bed = load_testbed(WorldConfig(n_subjects=120, n_relations=3, seed=0), WorldModelConfig(n_layer=3, n_embd=64, n_head=2),
+                       cache_dir=run_config["cache-dir"], progress=False)
+    editor = bed.editor(lam=float(run_config["lam"]))
+    specs = [LayerSpec(name, *shape) for name, shape in editor.layer_shapes().items()]
+    return bed.model, bed.tokenizer, editor, specs
+'''
+
+APP_PYPROJECT = '''
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "my-app"
+version = "0.1.0"
+dependencies = ["fedke"]
+
+[tool.flwr.app]
+publisher = "me"
+
+[tool.flwr.app.components]
+serverapp = "my_app.server_app:app"
+clientapp = "my_app.client_app:app"
+
+[tool.flwr.app.config]
+cache-dir = ""
+requests-path = ""
+update-path = ""
+merge = "collabedit"
+lam = 30.0
+num-clients = 2
+num-rounds = 1
+'''
+
+
+def readme_block(marker: str) -> str:
+    """The README's python block whose first line is ``marker``."""
+    import re
+
+    for block in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S):
+        if block.startswith(marker):
+            return block
+    raise AssertionError(f"no python block starting with {marker!r} in the README")
+
+
+def write_readme_app(root, cache_dir, cases_by_partition):
+    import json
+
+    package = root / "my_app"
+    package.mkdir(parents=True)
+    (root / "pyproject.toml").write_text(APP_PYPROJECT)
+    (package / "__init__.py").write_text("")
+    (package / "common.py").write_text(TINY_COMMON)
+    (package / "client_app.py").write_text(readme_block("# client_app.py (Message API)"))
+    (package / "server_app.py").write_text(readme_block("# server_app.py (Message API)"))
+    requests = {str(p): [{"prompt": c.request.prompt, "subject": c.request.subject, "target_new": c.request.target_new}
+                         for c in cases] for p, cases in cases_by_partition.items()}
+    (root / "requests.json").write_text(json.dumps(requests))
+    return {"cache-dir": str(cache_dir), "requests-path": str(root / "requests.json")}
+
+
+@pytest.mark.slow
+def test_the_readme_message_api_app_runs_collabedit_and_fedavg_under_flwr_run_and_a_deployment(tiny_bed, cache_dir,
+                                                                                                 tmp_path):
+    """The README's new-style client and server apps, verbatim, run under ``flwr run`` (CollabEdit) and
+    against a loopback SuperLink with two SuperNodes (FedAvg); each saved update equals the legacy
+    strategy's merge of the same clients' payloads (to float32), and CollabEdit's edits take."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from fedke.codec import LayerSpec
+    from fedke.editing.weights import applied_update
+    from fedke.eval import evaluate_cases
+    from fedke.merge import relative_update_error
+    from fedke.simulations.client import EditClient
+    from fedke.simulations.deploy import LoopbackDeployment
+    from fedke.simulations.launch import run_app
+    from fedke.simulations.runtime import dealt_cases_for
+    from fedke.strategies import CollabEdit, FedAvg
+
+    scenario = _tiny(cache_dir, num_clients=2)
+    dealt = {client: cases for (client, r), cases in dealt_cases_for(scenario).items() if r == 1}
+    config = write_readme_app(tmp_path / "app", cache_dir, dealt)
+    editor = tiny_bed.editor(lam=30.0)
+    specs = [LayerSpec(name, *shape) for name, shape in editor.layer_shapes().items()]
+    clients = [EditClient(editor, tiny_bed.model, tiny_bed.tokenizer, {1: dealt[p]}) for p in (0, 1)]
+    payloads = [client.edit({}, {"server_round": 1})[0] for client in clients]
+    torch.set_num_threads(1)
+
+    def expected(strategy):
+        merged = strategy.merge(payloads)
+        return {name: update.astype(np.float32) for name, update in merged.items()}
+
+    runs = {"collabedit": expected(CollabEdit(layer_specs=specs, regularisers=editor.regularisers())),
+            "fedavg": expected(FedAvg(layer_specs=specs))}
+    out = {name: tmp_path / f"{name}.safetensors" for name in runs}
+    run_app(tmp_path / "app", num_supernodes=2, run_config={**config, "update-path": str(out["collabedit"])},
+            timeout_s=600, stream=False)
+    with LoopbackDeployment(2, flwr_home=(tmp_path / "flwr-home").resolve()) as deployment:
+        deployment.run(tmp_path / "app", run_config={**config, "merge": "fedavg", "update-path": str(out["fedavg"])},
+                       timeout_s=600)
+    for name, want in runs.items():
+        got = load_file(str(out[name]))
+        assert sorted(got) == sorted(f"{layer}/update" for layer in want)
+        # the nodes edit in their own processes and threads (MKL rounds by batch shape) and send float32
+        error = relative_update_error({layer: got[f"{layer}/update"] for layer in want}, want)
+        print(f"{name}: relative error of the README app's update vs the legacy merge {error:.3g}")
+        assert error <= 1e-5, (name, error)
+    update = {key.rsplit("/", 1)[0]: value.astype(np.float64) for key, value in load_file(str(out["collabedit"])).items()}
+    with applied_update(tiny_bed.model, update):
+        summary = evaluate_cases(tiny_bed.model, tiny_bed.tokenizer, dealt[0] + dealt[1]).summary
+    assert summary["ES"] >= 80
