@@ -1,5 +1,5 @@
-"""A seeded fuzzer of the server side: mutated client replies against every strategy and the
-streaming fit stage (issue 21).
+"""A seeded fuzzer of the server side: mutated client replies against every strategy, the
+streaming fit stage (issue 21) and the Message-API strategies (named ArrayRecord replies, at the end).
 
 Each case is one round: two good replies and one mutated reply (in a random position), or the
 two good replies and a mutated entry of Flower's ``failures``. The mutations cover the payload's
@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import re
 import time
 from collections import Counter
@@ -707,3 +706,271 @@ def test_fuzzed_replies_through_the_streaming_fit_stage(kind, task_identity, rec
     fuzzer.fuzz(rng, STREAMING_CASES // 2, streaming=True)
     report(f"streaming/{kind}", fuzzer.counts, time.perf_counter() - tic, record_property)
     assert fuzzer.counts["escapes"] == fuzzer.counts["poisoned"] == 0
+
+
+# ----------------------------------------------------------------------------- the Message API
+
+#: What a Message-API rejection names: an array by its name, the record, the count, or a codec field.
+MESSAGE_NAMED = re.compile(r"array '|arrays: |num-examples|reply: |metrics\[|node \S+: |layer '|manifest: |layer set|residual_norms")
+
+
+def reply_message(node: int, content: RecordDict | None = None, error: Any = None) -> Message:
+    """A reply from ``node`` as the SuperLink hands it to the ServerApp."""
+    from flwr.app import Metadata
+
+    metadata = Metadata(run_id=7, message_id=f"r{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"m{node}",
+                        group_id="1", created_at=0.0, ttl=3600, message_type="train")
+    return Message(metadata=metadata, content=content, error=error)
+
+
+def named_content(named: dict, metrics: Any = None, *, raw: dict | None = None) -> RecordDict:
+    """``{"arrays": ArrayRecord(named), "metrics": MetricRecord(...)}``; ``raw``: Arrays as they are."""
+    from flwr.app import Array, ArrayRecord, MetricRecord
+
+    arrays = {key: Array(np.ascontiguousarray(value)) for key, value in named.items()}
+    arrays.update(raw or {})
+    records = {"arrays": ArrayRecord(arrays)}
+    records["metrics"] = MetricRecord({"num-examples": N_EDITS} if metrics is None else metrics)
+    return RecordDict(records)
+
+
+class NamedMutator:
+    """Draws one mutated Message-API reply (named arrays, MetricRecord) from a valid one of ``kind``."""
+
+    def __init__(self, kind: str, base: EditPayload):
+        from fedke.records import payload_to_named
+
+        self.kind = kind
+        self.named = payload_to_named(base, send_delta=kind != "layerwise_collabedit")
+        self.keys = list(self.named)
+        self.families: list[Callable[[np.random.Generator], Case]] = [
+            self.missing, self.unknown, self.dtype, self.shape, self.value, self.kkt, self.npy_bytes, self.stype,
+            self.num_examples, self.records, self.count_metrics, self.error, self.benign,
+        ]
+
+    def __call__(self, rng: np.random.Generator) -> Case:
+        return self.families[int(rng.integers(len(self.families)))](rng)
+
+    def key(self, rng) -> str:
+        return self.keys[int(rng.integers(len(self.keys)))]
+
+    def with_array(self, key: str, array: Any) -> dict:
+        return {**self.named, key: array}
+
+    @staticmethod
+    def where(key: str) -> str:
+        if key == "residual_norms":
+            return "residual_norms"
+        layer, kind = key.rsplit("/", 1)
+        return re.escape(f"layer {layer!r} {'kkt' if kind == 'kkt_upper' else kind}")
+
+    def missing(self, rng) -> Case:
+        key = self.key(rng)
+        named = {k: v for k, v in self.named.items() if k != key}
+        kind = key.rsplit("/", 1)[-1]
+        if kind in ("delta", "rkt"):  # a payload may leave one out; the strategy's required arrays decide
+            return Case(f"missing {kind}", "any", r"required but not sent|lists arrays|nothing to merge", named_content(named))
+        pattern = "'residual_norms' missing" if key == "residual_norms" else "lists arrays|layer set differs"
+        return Case(f"missing {kind}", "reject", pattern, named_content(named))
+
+    def unknown(self, rng) -> Case:
+        choice = int(rng.integers(3))
+        array = np.zeros((4, 6), np.float32)
+        if choice == 0:
+            return Case("unknown kind", "reject", "unknown kind", named_content({**self.named, f"{NAMES[0]}/keys": array}))
+        if choice == 1:
+            return Case("unknown layer", "reject", "is not edited this round",
+                        named_content({**self.named, "h.99.mlp/rkt": array}))
+        return Case("unnamed array", "reject", "expected a name '<layer>/<kind>'", named_content({**self.named, "rkt": array}))
+
+    def dtype(self, rng) -> Case:
+        key = self.key(rng)
+        dtype = [np.float16, np.float64, np.int32, np.complex64, np.bool_, np.uint8][int(rng.integers(6))]
+        where = "residual_norms" if key == "residual_norms" else self.where(key)
+        pattern = "manifest: wrong dtype" if key == "residual_norms" and np.dtype(dtype).name not in ("float16", "float64") \
+            else rf"{where}: (wrong )?dtype|dtype .* but the manifest says"
+        if key == "residual_norms":  # the norms' dtype sets the reply's: every other array then differs
+            pattern = rf"manifest: wrong dtype|{re.escape('dtype float32 but the manifest says')}"
+        return Case(f"dtype {np.dtype(dtype).name}", "reject", pattern,
+                    named_content(self.with_array(key, self.named[key].astype(dtype))))
+
+    def shape(self, rng) -> Case:
+        key = self.key(rng)
+        array = self.named[key]
+        changed = array.T.copy() if array.ndim == 2 and rng.integers(2) else array.reshape(-1)[:-1].copy()
+        if key == "residual_norms":  # any length is a valid count of norms: a matrix is not
+            changed = array[None].copy()
+        if changed.shape == array.shape:
+            changed = array[None].copy()
+        return Case("shape", "reject", rf"{self.where(key)}: wrong shape", named_content(self.with_array(key, changed)))
+
+    def value(self, rng) -> Case:
+        key = self.key(rng)
+        array = self.named[key].copy()
+        flat = array.reshape(-1)
+        choice = int(rng.integers(4))
+        position = int(rng.integers(flat.size))
+        if choice < 2:
+            flat[position] = [np.nan, np.inf][choice]
+            return Case("non-finite value", "reject", rf"{self.where(key)}: 1 non-finite",
+                        named_content(self.with_array(key, array)))
+        if choice == 2:
+            flat[position] = np.float32(1e30)
+            return Case("huge value", "reject", rf"{self.where(key)}: absurd norm",
+                        named_content(self.with_array(key, array)))
+        if key == "residual_norms":
+            flat[position] = -1.0
+            return Case("negative norm", "reject", "residual_norms: negative", named_content(self.with_array(key, array)))
+        flat[position] = np.float32(3e5)
+        return Case("large value", "any", None, named_content(self.with_array(key, array)))
+
+    def kkt(self, rng) -> Case:
+        from fedke.codec import pack_upper
+
+        key = [k for k in self.keys if k.endswith("/kkt_upper")][0]
+        n = SPECS[0].d_in
+        return Case("indefinite kkt", "reject", rf"{self.where(key)}: not positive semi-definite",
+                    named_content(self.with_array(key, pack_upper(-10.0 * np.eye(n)).astype(np.float32))))
+
+    def npy_bytes(self, rng) -> Case:
+        from flwr.app import Array
+
+        key = self.key(rng)
+        array = Array(np.ascontiguousarray(self.named[key]))
+        data = bytes(array.data)
+        array.data = [PICKLED_NPY, b"", data[: int(rng.integers(len(data)))], rng.bytes(40)][int(rng.integers(4))]
+        named = {k: v for k, v in self.named.items() if k != key}
+        return Case("npy bytes", "reject", rf"array '{re.escape(key)}': not a plain NumPy",
+                    named_content(named, raw={key: array}))
+
+    def stype(self, rng) -> Case:
+        from flwr.app import Array
+
+        key = self.key(rng)
+        array = Array(np.ascontiguousarray(self.named[key]))
+        array.stype = ["torch.Tensor", "pickle", ""][int(rng.integers(3))]
+        named = {k: v for k, v in self.named.items() if k != key}
+        return Case("serialisation", "reject", rf"array '{re.escape(key)}': serialisation",
+                    named_content(named, raw={key: array}))
+
+    def num_examples(self, rng) -> Case:
+        value = [-1, 2.5, 2**60, None, [3]][int(rng.integers(5))]
+        metrics = {} if value is None else {"num-examples": value}
+        return Case(f"num-examples {value!r}", "reject", "num-examples|n_edits", named_content(self.named, metrics))
+
+    def records(self, rng) -> Case:
+        from flwr.app import ConfigRecord, MetricRecord
+
+        choice = int(rng.integers(3))
+        if choice == 0:
+            return Case("no arrays record", "reject", "reply: no ArrayRecord",
+                        RecordDict({"metrics": MetricRecord({"num-examples": N_EDITS})}))
+        if choice == 1:
+            return Case("arrays under another name", "reject", "reply: no ArrayRecord",
+                        RecordDict({"payload": named_content(self.named).array_records["arrays"],
+                                    "metrics": MetricRecord({"num-examples": N_EDITS})}))
+        return Case("metrics as text", "reject", "num-examples",
+                    RecordDict({"arrays": named_content(self.named).array_records["arrays"],
+                                "metrics": ConfigRecord({"num-examples": "3"})}))
+
+    def count_metrics(self, rng) -> Case:
+        value = [-1, 2.5, 2**60, float("nan")][int(rng.integers(4))]
+        return Case("n_skipped", "reject", r"metrics\['n_skipped'\]",
+                    named_content(self.named, {"num-examples": N_EDITS, "n_skipped": value}))
+
+    def error(self, rng) -> Case:
+        from flwr.app import Error
+
+        return Case("error reply", "failure", "node \\S+: error", failure=Error(code=int(rng.integers(5)),
+                                                                              reason="the node's editor crashed"))
+
+    def benign(self, rng) -> Case:
+        choice = int(rng.integers(2))
+        if choice == 0:
+            named = dict(reversed(list(self.named.items())))
+            return Case("reordered arrays", "same", None, named_content(named))
+        return Case("extra metrics", "same", None,
+                    named_content(self.named, {"num-examples": N_EDITS, "edit_seconds": 1.5, "unknown": [1, 2]}))
+
+
+class MessageFuzzer:
+    """:class:`Fuzzer`'s checks for Message-API replies: each round two good replies and mutated ones,
+    aggregated by ``MessageEditStrategy(strategy).aggregate_train``."""
+
+    def __init__(self, kind: str):
+        from fedke.records import payload_to_named
+
+        self.kind = kind
+        send_delta = kind != "layerwise_collabedit"
+        self.good = [named_content(payload_to_named(payload_of(kind, i), send_delta=send_delta)) for i in range(2)]
+        self.base = payload_of(kind, 2)
+        self.mutator = NamedMutator(kind, self.base)
+        self.alone = self.reference([])
+        self.with_base = {p: self.reference([(p, named_content(self.mutator.named))]) for p in range(3)}
+        self.counts: Counter = Counter()
+
+    def aggregate(self, contents, failures=()):
+        from fedke.strategies.message import MessageEditStrategy
+
+        strategy = MessageEditStrategy(make_strategy(self.kind))
+        replies = [reply_message(node, content) for node, content in enumerate(contents, start=1)]
+        replies += [reply_message(100 + j, error=error) for j, error in enumerate(failures)]
+        try:
+            strategy.aggregate_train(1, replies)
+        except BaseException as escaped:  # noqa: BLE001 - the defect this fuzzer hunts
+            self.counts["escapes"] += 1
+            raise AssertionError(f"{self.kind}: escaped: {type(escaped).__name__}: {escaped}") from escaped
+        return strategy.inner, strategy.inner.round_metrics[-1]
+
+    def reference(self, extra) -> dict:
+        contents = list(self.good)
+        for position, content in extra:
+            contents.insert(position, content)
+        inner, metrics = self.aggregate(contents)
+        assert metrics["applied"] and metrics["n_accepted"] == len(contents)
+        return {name: a.copy() for name, a in inner.global_update.items()}
+
+    def run(self, case: Case, rng) -> None:
+        position = int(rng.integers(3))
+        contents = list(self.good)
+        if case.failure is None:
+            contents.insert(position, case.reply)
+        inner, metrics = self.aggregate(contents, [case.failure] if case.failure is not None else [])
+        if metrics["n_accepted"] == 3:
+            assert case.expect in ("same", "any") and metrics["applied"], (self.kind, case.mutation, metrics)
+            assert all(np.isfinite(a).all() for a in inner.global_update.values())
+            if case.expect == "same":
+                assert close(inner.global_update, self.with_base[position]), (self.kind, case.mutation)
+            self.counts["accepted"] += 1
+            return
+        assert case.expect != "same", (self.kind, case.mutation, inner.last_rejections)
+        assert metrics["applied"] and metrics["n_accepted"] == 2, (self.kind, case.mutation, metrics, inner.last_rejections)
+        lines = [reason for _, reason in inner.last_rejections] + list(inner.last_failures)
+        assert len(lines) == 1, (self.kind, case.mutation, lines)
+        assert MESSAGE_NAMED.search(lines[0]), (self.kind, case.mutation, lines[0])
+        if case.pattern is not None:
+            assert re.search(case.pattern, lines[0]), (self.kind, case.mutation, case.pattern, lines[0])
+        self.counts["failures" if case.failure is not None else "rejected"] += 1
+        if not same_bits(inner.global_update, self.alone):
+            self.counts["poisoned"] += 1
+            raise AssertionError(f"{self.kind}: {case.mutation}: the good replies did not merge as alone")
+
+
+MESSAGE_CASES = 200
+
+
+@pytest.mark.parametrize("kind", [kind if kind == "collabedit" else pytest.param(kind, marks=pytest.mark.slow)
+                                  for kind in KINDS])
+def test_fuzzed_message_api_replies_never_escape_nor_poison_the_round(kind, record_property):
+    rng = np.random.default_rng([SEED, 7, KINDS.index(kind)])
+    fuzzer = MessageFuzzer(kind)
+    tic = time.perf_counter()
+    families: Counter = Counter()
+    for _ in range(MESSAGE_CASES):
+        case = fuzzer.mutator(rng)
+        families[case.mutation.split()[0]] += 1
+        fuzzer.run(case, rng)
+    report(f"message/{kind}", fuzzer.counts, time.perf_counter() - tic, record_property)
+    assert sum(fuzzer.counts[k] for k in ("accepted", "rejected", "failures")) == MESSAGE_CASES
+    assert fuzzer.counts["escapes"] == fuzzer.counts["poisoned"] == 0
+    assert len(families) >= 12  # the mutation families were all drawn
