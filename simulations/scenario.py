@@ -110,9 +110,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
-from dataclasses import Field, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
@@ -121,93 +119,14 @@ from fedke.data.world import WorldConfig
 from fedke.editing.hparams import EditingSettings
 from fedke.worldmodel import WorldModelConfig
 
+from .capabilities import check_scenario, layerwise_conflicts
+from .settings import ConfigError, checked_value, config_key, setting
+
+__all__ = ["CONFLICT_LAYOUTS", "PRESET_DIR", "STRATEGY_NAMES", "ConfigError", "Scenario", "config_key", "setting"]
+
 STRATEGY_NAMES = ("collabedit", "fedavg", "task_arithmetic", "ties", "global")
 CONFLICT_LAYOUTS = ("cross-client", "same-client")
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-class ConfigError(ValueError):
-    """A run-config value that is refused; the message names the user's key and what it accepts."""
-
-
-def setting(default: Any, *, choices: tuple[Any, ...] | None = None, at_least: float | None = None,
-            above: float | None = None, at_most: float | None = None, any_case: bool = False) -> Any:
-    """A scenario field with its default and the values it accepts, checked when a scenario is built
-    (``any_case``: a string choice is matched in any letter case, e.g. TOML's ``True`` for ``"true"``)."""
-    return field(default=default, metadata={"choices": choices, "at_least": at_least, "above": above,
-                                            "at_most": at_most, "any_case": any_case})
-
-
-def config_key(name: str) -> str:
-    """The run-config key of a field (``num_clients`` -> ``num-clients``)."""
-    return name.replace("_", "-")
-
-
-_INTEGER = re.compile(r"[+-]?[0-9]+")
-
-
-def _typed_value(key: str, kind: type, value: Any, shown: str) -> Any:
-    """``value`` as the field's type, refusing what would change meaning on conversion.
-
-    bool: a bool or the strings "true" / "false" (any case); not 0 / 1 / "no". int: an int (not a
-    bool) or a string of digits; not 2.7 nor "three". float: a finite int or float (or numeric
-    string); not NaN, Inf or a bool. str: a string (a TOML int or bool becomes its text).
-    """
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        raise ConfigError(f"{key} must be true or false, got {shown}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-            return int(value.strip())
-        raise ConfigError(f"{key} must be a whole number, got {shown}")
-    if kind is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                number = None
-        if number is None:
-            raise ConfigError(f"{key} must be a number, got {shown}")
-        if not math.isfinite(number):
-            raise ConfigError(f"{key} must be a finite number, got {shown}")
-        return number
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (str, int)):
-        return str(value)
-    raise ConfigError(f"{key} must be a string, got {shown}")
-
-
-def _checked_value(spec: Field, value: Any) -> Any:
-    """A field's value, typed and checked against its ``setting`` rules; ConfigError names the key.
-
-    A secret field's value is never shown in a message (only its type).
-    """
-    key = config_key(spec.name)
-    shown = f"a {type(value).__name__}" if not spec.repr else repr(value)
-    value = _typed_value(key, type(spec.default), value, shown)
-    rules = spec.metadata
-    if rules.get("choices") is not None:
-        if isinstance(value, str):
-            value = value.strip().lower() if rules.get("any_case") else value.strip()
-        if value not in rules["choices"]:
-            allowed = ", ".join(repr(choice) for choice in rules["choices"])
-            raise ConfigError(f"{key} must be one of {allowed}, got {shown}")
-    if rules.get("at_least") is not None and not value >= rules["at_least"]:
-        raise ConfigError(f"{key} must be at least {rules['at_least']:g}, got {shown}")
-    if rules.get("above") is not None and not value > rules["above"]:
-        raise ConfigError(f"{key} must be greater than {rules['above']:g}, got {shown}")
-    if rules.get("at_most") is not None and not value <= rules["at_most"]:
-        raise ConfigError(f"{key} must be at most {rules['at_most']:g}, got {shown}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -271,138 +190,18 @@ class Scenario:
 
     def __post_init__(self) -> None:
         for spec in fields(self):
-            object.__setattr__(self, spec.name, _checked_value(spec, getattr(self, spec.name)))
+            object.__setattr__(self, spec.name, checked_value(spec, getattr(self, spec.name)))
         if self.model_width % max(1, self.model_width // 32):
             raise ConfigError(f"model-width must be divisible by its head count max(1, width // 32) = "
                               f"{max(1, self.model_width // 32)}, got {self.model_width} (e.g. 64, 128, 256)")
-        self._check_model()
-        self._check_editor()
-        self._check_multiround()
-        self._check_overlap_conflict()
-        self._check_layerwise()
-        self._check_passes()
-        if self.secure_aggregation and (self.strategy != "collabedit" or self.num_clients < 2):
-            raise ConfigError("secure-aggregation = true needs strategy collabedit with at least 2 clients "
-                              f"(SecAgg+ sums; got strategy {self.strategy!r}, {self.num_clients} client(s))")
-        if self.secure_aggregation and self.conflict_detection != "off":
-            raise ConfigError("secure-aggregation = true cannot run conflict detection (it needs per-client replies)")
-        if self.secure_aggregation and self.streaming_aggregation:
-            raise ConfigError("secure-aggregation = true cannot use streaming-aggregation = true "
-                              "(SecAgg+ has its own fit stage)")
-        self._check_flower_api()
-        capacity = self.world_subjects * self.world_relations
-        if self.is_world and self.total_edits > capacity:
-            raise ConfigError(f"the scenario edits {self.total_edits} facts but the world has only {capacity} "
-                              "(subject, relation) pairs: raise world-subjects or lower the edits")
-
-    def _check_multiround(self) -> None:
-        """The forgetting / covariance / checkpoint keys (see the module docstring)."""
-        if self.covariance == "dynamic" and self.strategy_class_name != "collabedit":
-            raise ConfigError(f"covariance = 'dynamic' needs strategy collabedit or global, got {self.strategy!r}: "
-                              "the baselines merge the clients' deltas, which were solved with C0")
-        if self.resume and not self.checkpoint_dir:
-            raise ConfigError("resume = true needs checkpoint-dir (where the run's checkpoint is)")
-        if not self.forgetting or not self.is_world:  # a fact set's sizes are checked when dealing
-            return
-        if not 1 <= self.old_relations < self.world_relations:
-            raise ConfigError(f"old-relations must be in 1..world-relations - 1 ({self.world_relations - 1}), "
-                              f"got {self.old_relations}: the new requests need relations of their own")
-        per_round = self.num_clients * self.edits_per_client
-        if per_round > self.world_subjects * self.old_relations:
-            raise ConfigError(f"the old set has {per_round} requests but old-relations={self.old_relations} "
-                              f"x world-subjects={self.world_subjects} allow only {self.world_subjects * self.old_relations}")
-        new_capacity = (self.world_subjects - per_round) * (self.world_relations - self.old_relations)
-        if per_round * (self.num_rounds - 1) > new_capacity:
-            raise ConfigError(f"{self.num_rounds - 1} new rounds of {per_round} requests need "
-                              f"{per_round * (self.num_rounds - 1)} (subject, relation) pairs unrelated to the old set; "
-                              f"the world guarantees only {new_capacity}: raise world-subjects or lower the edits")
-
-    def _check_model(self) -> None:
-        """The model / dataset / settings keys (see the module docstring)."""
-        from fedke.models import PACKAGED_MODELS
-
-        if self.model != "world" and self.model not in PACKAGED_MODELS:
-            raise ConfigError(f"model must be 'world' or a packaged model ({', '.join(PACKAGED_MODELS)}), got "
-                              f"{self.model!r}; a model of your own goes in model-path (a Hugging Face model "
-                              "directory, a .whl or a .gguf file)")
-        if self.model_path and self.is_world:
-            raise ConfigError("model-path loads a real model: leave model = 'world' out of it (model = 'smollm2')")
-        if self.model_path and not Path(self.model_path).expanduser().exists():
-            raise ConfigError(f"model-path {self.model_path!r} does not exist (a Hugging Face model directory, "
-                              "a .whl or a .gguf file)")
-        if self.is_world and self.dataset:
-            raise ConfigError("dataset needs a real model (model = 'smollm2' or a path): the world model "
-                              "knows only its own synthetic world")
-        if self.dataset and not Path(self.dataset).is_file():
-            raise ConfigError(f"dataset {self.dataset!r} is not a file (a CounterFact or zsRE JSON list)")
-        if self.hparams or not self.is_world:
-            self.settings  # noqa: B018 -- reads the settings file now, so a bad one fails here
-
-    def _check_editor(self) -> None:
-        """The ``editor`` key: AlphaEdit protects knowledge by its projection, not knowledge-weight."""
-        if self.editor == "alphaedit" and self.knowledge_weight > 0:
-            raise ConfigError("editor = 'alphaedit' does not combine with knowledge-weight > 0 (AlphaEdit protects "
-                              "known facts by projecting keys onto C0's null space instead)")
-
-    def _check_overlap_conflict(self) -> None:
-        """The residual-guard and conflict keys (see the module docstring)."""
-        if not 0 <= self.conflict_pairs <= self.num_clients * self.edits_per_client:
-            raise ConfigError(f"conflict-pairs must be in 0..num-clients x edits-per-client "
-                              f"({self.num_clients * self.edits_per_client}), got {self.conflict_pairs}")
-
-    def _layerwise_conflicts(self) -> list[str]:
-        """What keeps this scenario from running layer-wise CollabEdit (empty when it can)."""
-        reasons = []
-        if self.strategy_class_name != "collabedit":
-            reasons.append(f"strategy {self.strategy!r} (layer-wise is CollabEdit / Global-Edit only)")
-        if self.secure_aggregation:
-            reasons.append("secure-aggregation = true")
-        if self.residual_guard > 0:
-            reasons.append(f"residual-guard = {self.residual_guard}")
-        if self.conflict_detection != "off":
-            reasons.append(f"conflict-detection = {self.conflict_detection!r}")
-        return reasons
-
-    def _check_flower_api(self) -> None:
-        """The ``flower-api`` key: what runs on the legacy path only (see the module docstring)."""
-        if self.flower_api != "message":
-            return
-        legacy_only = [(self.secure_aggregation, "secure-aggregation = true (Flower 1.42 offers SecAgg+ through the "
-                                                 "legacy workflow only)"),
-                       (self.conflict_detection != "off", f"conflict-detection = {self.conflict_detection!r} (its "
-                                                          "claims are text, which a MetricRecord cannot carry)"),
-                       (self.streaming_aggregation, "streaming-aggregation = true (Flower's Message-API loop "
-                                                    "collects every reply before aggregate_train)"),
-                       (bool(self.checkpoint_dir), "checkpoint-dir (checkpoints hook into the legacy loop)")]
-        reasons = [reason for on, reason in legacy_only if on]
-        if reasons:
-            raise ConfigError(f"flower-api = 'message' does not combine with {'; '.join(reasons)}: "
-                              "use flower-api = 'legacy' for these")
-
-    def _check_layerwise(self) -> None:
-        """The ``layerwise`` key (see the module docstring)."""
-        if self.layerwise != "true":
-            return
-        reasons = self._layerwise_conflicts()
-        if self.editor_mode != "sequential":
-            reasons.insert(0, f"editor-mode = {self.editor_mode!r} (layer-wise is for sequential MEMIT; "
-                              "one-shot CollabEdit of decoupled payloads is already exact)")
-        if reasons:
-            raise ConfigError(f"layerwise = 'true' does not combine with {'; '.join(reasons)}")
-
-    def _check_passes(self) -> None:
-        """The ``passes`` key (see the module docstring)."""
-        if self.passes > 1 and self.strategy_class_name == "collabedit" and not self.layerwise_enabled:
-            raise ConfigError(f"passes = {self.passes} with strategy {self.strategy!r} needs the layer-wise protocol "
-                              "(editor-mode = 'sequential', layerwise = 'auto' or 'true'): one-shot merging equals "
-                              "Global-Edit for one pass only, since each pass must see every client's earlier passes")
+        check_scenario(self)
 
     @property
     def layerwise_enabled(self) -> bool:
         """Whether edit rounds run layer-wise (``"true"``, or ``"auto"`` with sequential MEMIT where it combines)."""
         if self.layerwise == "true":
             return True
-        return self.layerwise == "auto" and self.editor_mode == "sequential" and not self._layerwise_conflicts()
+        return self.layerwise == "auto" and self.editor_mode == "sequential" and not layerwise_conflicts(self)
 
     @property
     def dynamic_covariance(self) -> tuple[float, float] | None:
