@@ -80,9 +80,13 @@ class MessageEditStrategy(Strategy):
     def steps_per_round(self) -> int:
         return self.inner.steps_per_round
 
-    def initial_arrays(self) -> ArrayRecord:
-        """The cumulative update to start from (zeros, or the inner strategy's ``initial_update``)."""
+    def update_record(self) -> ArrayRecord:
+        """The cumulative update as named arrays (``"<layer>/update"``), in the wire dtype."""
         return to_array_record(update_to_named(self.inner.global_update, dtype=self.inner.wire_dtype))
+
+    def initial_arrays(self) -> ArrayRecord:
+        """What ``start`` begins from: the cumulative update (zeros, or the inner strategy's ``initial_update``)."""
+        return self.update_record()
 
     def fit_record(self, server_round: int) -> ArrayRecord:
         """What every node of ``server_round`` receives: :meth:`EditMergeStrategy.fit_updates` named by kind."""
@@ -123,7 +127,7 @@ class MessageEditStrategy(Strategy):
             aggregation.add_decoded(node, lambda reply=reply: self._decode(reply, aggregation),
                                     _reply_metrics(reply))
         _, metrics = aggregation.finish()
-        return self.initial_arrays(), numeric_metrics(metrics)
+        return self.update_record(), numeric_metrics(metrics)
 
     @staticmethod
     def _decode(reply: Message, aggregation: Any):
@@ -147,7 +151,7 @@ class MessageEditStrategy(Strategy):
         settings = {**dict(config), "server_round": server_round, "server-round": server_round}
         if inner.on_evaluate_config_fn is not None:
             settings.update(inner.on_evaluate_config_fn(server_round))
-        content = RecordDict({ARRAYS_KEY: self.initial_arrays(), CONFIG_KEY: ConfigRecord(settings)})
+        content = RecordDict({ARRAYS_KEY: self.update_record(), CONFIG_KEY: ConfigRecord(settings)})
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id)
                 for node_id in node_ids]
 

@@ -344,7 +344,6 @@ def test_the_readme_message_api_app_runs_collabedit_and_fedavg_under_flwr_run_an
     """The README's new-style client and server apps, verbatim, run under ``flwr run`` (CollabEdit) and
     against a loopback SuperLink with two SuperNodes (FedAvg); each saved update equals the legacy
     strategy's merge of the same clients' payloads (to float32), and CollabEdit's edits take."""
-    import torch
     from safetensors.numpy import load_file
 
     from fedke.codec import LayerSpec
@@ -364,7 +363,6 @@ def test_the_readme_message_api_app_runs_collabedit_and_fedavg_under_flwr_run_an
     specs = [LayerSpec(name, *shape) for name, shape in editor.layer_shapes().items()]
     clients = [EditClient(editor, tiny_bed.model, tiny_bed.tokenizer, {1: dealt[p]}) for p in (0, 1)]
     payloads = [client.edit({}, {"server_round": 1})[0] for client in clients]
-    torch.set_num_threads(1)
 
     def expected(strategy):
         merged = strategy.merge(payloads)
